@@ -1,0 +1,559 @@
+"""Every architecture, the MODELS registry, build_model() and the checkpoint helpers.
+
+    python models.py                                   # params + MACs of every model at 3x32x32
+    python models.py resnet50 vgg16 --image-size 224 --num-classes 1000
+
+    lenet5                      LeCun et al. 1998, with ReLU and max-pooling
+    alexnet                     Krizhevsky et al. 2012, torchvision's single-tower layout
+    nin                         Lin et al. 2013, Network in Network (mlpconv, global average pooling)
+    vgg11 13 16 19 (+ _bn)      Simonyan & Zisserman 2014, configurations A B D E
+    googlenet                   Szegedy et al. 2014, Inception v1 with BatchNorm (as torchvision)
+    resnet18 34 50 101 152      He et al. 2015, ImageNet ResNets (torchvision v1.5 Bottleneck)
+    resnet20 32 44 56 110 1202  He et al. 2015, CIFAR ResNets (6n+2 layers, option A shortcuts)
+
+build_model(name, num_classes, in_channels, image_size, **options); options valued None count as
+not given, an option the family does not take is a ValueError. model_options(name) lists them:
+    stem        'auto' | 'cifar' | 'imagenet'   alexnet, nin, googlenet, resnets; auto: the CIFAR
+                                                stem up to 64 px, the ImageNet stem above
+    dropout     float                           alexnet, nin, vgg, googlenet
+    head        'auto' | 'compact' | 'paper'    vgg: auto = compact up to 64 px, the paper's above
+    aux_logits, inception_kernel (5 | 3), residual (None | 'identity' | 'projection')   googlenet
+    plain, zero_init_residual                                                           resnets
+"""
+import argparse
+import os
+import pickle
+import re
+import sys
+from functools import partial
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+
+def _choice(option, value, choices):
+    if value not in choices:
+        raise ValueError(f"{option} must be one of {', '.join(map(str, choices))} (got {value!r})")
+    return value
+
+
+def _stem(stem, image_size):
+    """'auto' -> a CIFAR-style stem (no early downsampling) up to 64 px, the ImageNet stem above."""
+    if _choice("stem", stem, ("auto", "cifar", "imagenet")) == "auto":
+        return "cifar" if image_size <= 64 else "imagenet"
+    return stem
+
+
+def _dropout(p):
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p < 1:
+        raise ValueError(f"dropout must be a number in [0, 1) (got {p!r})")
+    return float(p)
+
+
+def _init_weights(model, conv_mode="fan_out", linear_std=0.01):
+    """Kaiming-normal convs (He et al. 2015, as torchvision), BatchNorm = identity,
+    Linear ~ N(0, linear_std) as torchvision's VGG (None keeps PyTorch's default, as its ResNet)."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode=conv_mode, nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear) and linear_std is not None:
+            nn.init.normal_(m.weight, 0, linear_std)
+            nn.init.zeros_(m.bias)
+
+
+def _conv_bn(cin, cout, kernel, stride=1, eps=1e-5):
+    return [nn.Conv2d(cin, cout, kernel, stride, kernel // 2, bias=False), nn.BatchNorm2d(cout, eps=eps)]
+
+
+def _conv_bn_relu(cin, cout, kernel, stride=1):
+    """torchvision GoogLeNet's BasicConv2d (BatchNorm eps 1e-3)."""
+    return nn.Sequential(*_conv_bn(cin, cout, kernel, stride, eps=1e-3), nn.ReLU(inplace=True))
+
+
+# --------------------------------------------------------------------------- LeNet-5
+class LeNet5(nn.Module):
+    """conv5(6) - pool - conv5(16) - pool - fc120 - fc84 - fc(num_classes)."""
+
+    OPTIONS = ()
+
+    def __init__(self, num_classes, in_channels=3, image_size=32):
+        super().__init__()
+        pad = 2 if image_size < 32 else 0  # LeCun centred the 28x28 digits in a 32x32 field
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, 6, 5, padding=pad), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+            # N x 6 x 14 x 14
+            nn.Conv2d(6, 16, 5), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+            # N x 16 x 5 x 5
+            nn.AdaptiveAvgPool2d(5),  # a no-op at 28 and 32 px; keeps fc1 at 400 inputs elsewhere
+        )
+        self.classifier = nn.Sequential(
+            nn.Flatten(), nn.Linear(16 * 5 * 5, 120), nn.ReLU(inplace=True),
+            nn.Linear(120, 84), nn.ReLU(inplace=True), nn.Linear(84, num_classes),
+        )
+        _init_weights(self, "fan_in", None)
+
+    def forward(self, x):
+        return self.classifier(self.features(x))
+
+
+# --------------------------------------------------------------------------- AlexNet
+class AlexNet(nn.Module):
+    """torchvision's single-tower AlexNet. The CIFAR stem swaps conv 11x11/4 + max-pool for a
+    3x3/1 conv, so 32 px inputs reach the 6x6 pool at 7x7 (224 px inputs: 6x6)."""
+
+    OPTIONS = ("stem", "dropout")
+
+    def __init__(self, num_classes, in_channels=3, image_size=32, stem="auto", dropout=0.5):
+        super().__init__()
+        dropout = _dropout(dropout)
+        if _stem(stem, image_size) == "imagenet":
+            first = [nn.Conv2d(in_channels, 64, 11, 4, 2), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2)]
+        else:
+            first = [nn.Conv2d(in_channels, 64, 3, 1, 1), nn.ReLU(inplace=True)]
+        self.features = nn.Sequential(
+            *first,  # N x 64 x 27 x 27 at 224 (imagenet stem), N x 64 x 32 x 32 at 32 (cifar stem)
+            nn.Conv2d(64, 192, 5, padding=2), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2),
+            nn.Conv2d(192, 384, 3, padding=1), nn.ReLU(inplace=True),
+            nn.Conv2d(384, 256, 3, padding=1), nn.ReLU(inplace=True),
+            nn.Conv2d(256, 256, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2),
+        )  # N x 256 x 6 x 6 at 224, N x 256 x 7 x 7 at 32
+        self.avgpool = nn.AdaptiveAvgPool2d(6)
+        self.classifier = nn.Sequential(
+            nn.Dropout(dropout), nn.Linear(256 * 6 * 6, 4096), nn.ReLU(inplace=True),
+            nn.Dropout(dropout), nn.Linear(4096, 4096), nn.ReLU(inplace=True),
+            nn.Linear(4096, num_classes),
+        )
+        _init_weights(self, "fan_in")  # no BatchNorm: keep forward activations at unit scale
+
+    def forward(self, x):
+        return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
+
+
+# --------------------------------------------------------------------------- Network in Network
+# An mlpconv block = a k x k conv and two 1x1 convs (a small MLP slid over the image), all ReLU.
+# (width, kernel, stride, padding, (1x1 width, 1x1 width)); None = num_classes: the last block
+# emits one map per class, averaged globally (no FC). "M"/"A" = 3x3/2 max/avg pool, "D" = dropout.
+# cifar: the authors' CIFAR-10 model; imagenet: their 4-block ImageNet model.
+NIN = {
+    "cifar": [(192, 5, 1, 2, (160, 96)), "M", "D", (192, 5, 1, 2, (192, 192)), "A", "D",
+              (192, 3, 1, 1, (192, None))],
+    "imagenet": [(96, 11, 4, 0, (96, 96)), "M", (256, 5, 1, 2, (256, 256)), "M",
+                 (384, 3, 1, 1, (384, 384)), "M", "D", (1024, 3, 1, 1, (1024, None))],
+}
+
+
+class NiN(nn.Module):
+    OPTIONS = ("stem", "dropout")
+
+    def __init__(self, num_classes, in_channels=3, image_size=32, stem="auto", dropout=0.5):
+        super().__init__()
+        dropout = _dropout(dropout)
+        layers, c = [], in_channels
+        for item in NIN[_stem(stem, image_size)]:
+            if item in ("M", "A"):  # ceil_mode as in Caffe: 28 px -> 14 -> 7, 32 px -> 16 -> 8
+                pool = nn.MaxPool2d if item == "M" else nn.AvgPool2d
+                layers.append(pool(3, 2, ceil_mode=True))
+            elif item == "D":
+                layers.append(nn.Dropout(dropout))
+            else:
+                width, k, s, p, (m1, m2) = item
+                m2 = m2 or num_classes
+                layers += [nn.Conv2d(c, width, k, s, p), nn.ReLU(inplace=True),
+                           nn.Conv2d(width, m1, 1), nn.ReLU(inplace=True),
+                           nn.Conv2d(m1, m2, 1), nn.ReLU(inplace=True)]
+                c = m2
+        layers.pop()  # no ReLU on the class maps: logits must be free to go negative
+        self.features = nn.Sequential(*layers)  # N x num_classes x 8 x 8 at 32, x 6 x 6 at 224
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        _init_weights(self, "fan_in")  # no BatchNorm: keep forward activations at unit scale
+
+    def forward(self, x):
+        return torch.flatten(self.pool(self.features(x)), 1)
+
+
+# --------------------------------------------------------------------------- VGG
+# Configurations A, B, D, E (Simonyan & Zisserman 2014, Table 1): 3x3 conv widths, "M" = 2x2 pool.
+VGGS = {
+    11: [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
+    13: [64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
+    16: [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"],
+    19: [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M",
+         512, 512, 512, 512, "M"],
+}
+
+
+class VGG(nn.Module):
+    """head='paper': 7x7 pool + FC 4096-4096 with dropout (torchvision); 'compact': global pool +
+    FC 512 with dropout (the usual CIFAR head); 'auto': compact up to 64 px, paper above."""
+
+    OPTIONS = ("head", "dropout")
+
+    def __init__(self, depth, batch_norm, num_classes, in_channels=3, image_size=32, head="auto",
+                 dropout=0.5):
+        super().__init__()
+        dropout = _dropout(dropout)
+        layers, c = [], in_channels
+        for v in VGGS[depth]:
+            if v == "M":  # ceil_mode: same shapes at 224 and 32 px, and 28 px ends at 1x1, not 0x0
+                layers.append(nn.MaxPool2d(2, 2, ceil_mode=True))
+            else:  # the conv keeps its bias before BN, as torchvision's (equal parameter counts)
+                bn = [nn.BatchNorm2d(v)] if batch_norm else []
+                layers += [nn.Conv2d(c, v, 3, padding=1), *bn, nn.ReLU(inplace=True)]
+                c = v
+        self.features = nn.Sequential(*layers)  # N x 512 x 7 x 7 at 224, N x 512 x 1 x 1 at 32
+        head = _choice("head", head, ("auto", "compact", "paper"))
+        if head == "auto":
+            head = "compact" if image_size <= 64 else "paper"
+        pool, hidden = (7, 4096) if head == "paper" else (1, 512)
+        self.avgpool = nn.AdaptiveAvgPool2d(pool)
+        fcs = [nn.Linear(512 * pool * pool, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout)]
+        if head == "paper":
+            fcs += [nn.Linear(hidden, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout)]
+        self.classifier = nn.Sequential(*fcs, nn.Linear(hidden, num_classes))
+        _init_weights(self)
+
+    def forward(self, x):
+        return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
+
+
+# --------------------------------------------------------------------------- GoogLeNet
+# Inception modules (Szegedy et al. 2014, Table 1):
+# (1x1, 3x3 reduce, 3x3, 5x5 reduce, 5x5, pool proj); output channels = 1x1 + 3x3 + 5x5 + pool proj.
+INCEPTION = {
+    "3a": (64, 96, 128, 16, 32, 32), "3b": (128, 128, 192, 32, 96, 64),
+    "4a": (192, 96, 208, 16, 48, 64), "4b": (160, 112, 224, 24, 64, 64),
+    "4c": (128, 128, 256, 24, 64, 64), "4d": (112, 144, 288, 32, 64, 64),
+    "4e": (256, 160, 320, 32, 128, 128),
+    "5a": (256, 160, 320, 32, 128, 128), "5b": (384, 192, 384, 48, 128, 128),
+}
+
+
+class Inception(nn.Module):
+    """Four branches concatenated. kernel: the '5x5' branch's kernel (5 = paper, 3 = torchvision,
+    pytorch/vision#906). residual: 'identity' adds x where the input and output shapes match;
+    'projection' adds a shortcut everywhere, 1x1 conv + BN where the channels change."""
+
+    def __init__(self, cin, c1, c3r, c3, c5r, c5, cp, kernel=5, residual=None):
+        super().__init__()
+        self.branches = nn.ModuleList([
+            _conv_bn_relu(cin, c1, 1),
+            nn.Sequential(_conv_bn_relu(cin, c3r, 1), _conv_bn_relu(c3r, c3, 3)),
+            nn.Sequential(_conv_bn_relu(cin, c5r, 1), _conv_bn_relu(c5r, c5, kernel)),
+            nn.Sequential(nn.MaxPool2d(3, 1, 1, ceil_mode=True), _conv_bn_relu(cin, cp, 1)),
+        ])
+        cout = c1 + c3 + c5 + cp
+        self.shortcut = None
+        if residual is not None and cin == cout:
+            self.shortcut = nn.Identity()
+        elif residual == "projection":
+            self.shortcut = nn.Sequential(*_conv_bn(cin, cout, 1))
+
+    def forward(self, x):
+        out = torch.cat([branch(x) for branch in self.branches], 1)
+        if self.shortcut is not None:
+            out = F.relu(out + self.shortcut(x))
+        return out
+
+
+class InceptionAux(nn.Module):
+    """Auxiliary classifier (torchvision's): 4x4 avg pool, 1x1 conv 128, FC 1024, dropout 0.7."""
+
+    def __init__(self, cin, num_classes):
+        super().__init__()
+        self.conv = _conv_bn_relu(cin, 128, 1)
+        self.fc = nn.Sequential(nn.Flatten(), nn.Linear(128 * 4 * 4, 1024), nn.ReLU(inplace=True),
+                                nn.Dropout(0.7), nn.Linear(1024, num_classes))
+
+    def forward(self, x):
+        return self.fc(self.conv(F.adaptive_avg_pool2d(x, 4)))  # N x 128 x 4 x 4 before fc
+
+
+class GoogLeNet(nn.Module):
+    """Train mode with aux_logits returns (logits, aux1, aux2), aux after 4a and 4d (train.py
+    weights them 0.3); otherwise logits. The CIFAR stem drops the two early downsamplings."""
+
+    OPTIONS = ("aux_logits", "inception_kernel", "residual", "stem", "dropout")
+
+    def __init__(self, num_classes, in_channels=3, image_size=32, aux_logits=False,
+                 inception_kernel=5, residual=None, stem="auto", dropout=0.4):
+        super().__init__()
+        kernel = int(_choice("inception_kernel", inception_kernel, (3, 5)))
+        residual = {True: "identity", False: None}.get(residual, residual)  # --residual w/o value
+        _choice("residual", residual, (None, "identity", "projection"))
+        dropout = _dropout(dropout)
+        if _stem(stem, image_size) == "imagenet":  # N x 192 x 28 x 28 at 224
+            self.stem = nn.Sequential(
+                _conv_bn_relu(in_channels, 64, 7, 2), nn.MaxPool2d(3, 2, ceil_mode=True),
+                _conv_bn_relu(64, 64, 1), _conv_bn_relu(64, 192, 3), nn.MaxPool2d(3, 2, ceil_mode=True))
+        else:  # N x 192 x 32 x 32 at 32
+            self.stem = nn.Sequential(_conv_bn_relu(in_channels, 64, 3), _conv_bn_relu(64, 64, 1),
+                                      _conv_bn_relu(64, 192, 3))
+        cin, blocks = 192, {}
+        for name, cfg in INCEPTION.items():
+            blocks[name] = Inception(cin, *cfg, kernel=kernel, residual=residual)
+            cin = cfg[0] + cfg[2] + cfg[4] + cfg[5]
+        self.inception3 = nn.Sequential(blocks["3a"], blocks["3b"])
+        self.pool3 = nn.MaxPool2d(3, 2, ceil_mode=True)
+        self.inception4a = blocks["4a"]
+        self.inception4bcd = nn.Sequential(blocks["4b"], blocks["4c"], blocks["4d"])
+        self.inception4e = blocks["4e"]
+        self.pool4 = nn.MaxPool2d(2, 2, ceil_mode=True)
+        self.inception5 = nn.Sequential(blocks["5a"], blocks["5b"])
+        self.aux1 = InceptionAux(512, num_classes) if aux_logits else None
+        self.aux2 = InceptionAux(528, num_classes) if aux_logits else None
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout),
+                                  nn.Linear(1024, num_classes))
+        _init_weights(self)
+
+    def forward(self, x):
+        x = self.inception3(self.stem(x))  # N x 480 x 28 x 28 at 224, N x 480 x 32 x 32 at 32
+        x = self.inception4a(self.pool3(x))  # N x 512 x 14 x 14 at 224, N x 512 x 16 x 16 at 32
+        aux1 = self.aux1(x) if self.aux1 is not None and self.training else None
+        x = self.inception4bcd(x)  # N x 528 x 14 x 14
+        aux2 = self.aux2(x) if self.aux2 is not None and self.training else None
+        x = self.inception4e(x)  # N x 832 x 14 x 14
+        x = self.inception5(self.pool4(x))  # N x 1024 x 7 x 7 at 224, N x 1024 x 8 x 8 at 32
+        logits = self.head(x)
+        return (logits, aux1, aux2) if aux1 is not None else logits
+
+
+# --------------------------------------------------------------------------- ResNet
+# depth: (block, blocks per stage, stage widths, shortcut where the shape changes).
+# "B" = 1x1 conv + BN projection (torchvision), "A" = parameter-free subsample + zero-pad
+# (the paper's CIFAR nets). CIFAR ResNets: 6n+2 layers, n blocks per stage.
+RESNETS = {
+    18: ("basic", (2, 2, 2, 2), (64, 128, 256, 512), "B"),
+    34: ("basic", (3, 4, 6, 3), (64, 128, 256, 512), "B"),
+    50: ("bottleneck", (3, 4, 6, 3), (64, 128, 256, 512), "B"),
+    101: ("bottleneck", (3, 4, 23, 3), (64, 128, 256, 512), "B"),
+    152: ("bottleneck", (3, 8, 36, 3), (64, 128, 256, 512), "B"),
+    **{6 * n + 2: ("basic", (n, n, n), (16, 32, 64), "A") for n in (3, 5, 7, 9, 18, 200)},
+}
+
+
+class PadShortcut(nn.Module):
+    """Option A of the ResNet paper: subsample by the stride, zero-pad the new channels."""
+
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.extra, self.stride = cout - cin, stride
+
+    def forward(self, x):
+        x = x[:, :, ::self.stride, ::self.stride]
+        return F.pad(x, (0, 0, 0, 0, self.extra // 2, self.extra - self.extra // 2))
+
+
+class Block(nn.Module):
+    """relu(residual(x) + shortcut(x)). basic: 3x3 - 3x3; bottleneck: 1x1 - 3x3 - 1x1 (x4 wide),
+    the stride on the 3x3 (torchvision's v1.5). plain=True: the same layers without the addition."""
+
+    def __init__(self, kind, cin, width, stride, shortcut="B", plain=False):
+        super().__init__()
+        if kind == "basic":
+            cout = width
+            layers = [*_conv_bn(cin, width, 3, stride), nn.ReLU(inplace=True), *_conv_bn(width, cout, 3)]
+        else:
+            cout = 4 * width
+            layers = [*_conv_bn(cin, width, 1), nn.ReLU(inplace=True),
+                      *_conv_bn(width, width, 3, stride), nn.ReLU(inplace=True), *_conv_bn(width, cout, 1)]
+        self.residual = nn.Sequential(*layers)
+        self.shortcut = nn.Identity()
+        if stride != 1 or cin != cout:
+            self.shortcut = (PadShortcut(cin, cout, stride) if shortcut == "A"
+                             else nn.Sequential(*_conv_bn(cin, cout, 1, stride)))
+        # A plain block keeps its projection module (unused) so that the plain and residual twins
+        # have the same parameter count; their parameters get no gradient (DDP therefore needs
+        # find_unused_parameters=True for plain ImageNet ResNets; CIFAR ones have no projection).
+        self.plain = plain
+
+    def forward(self, x):
+        out = self.residual(x)
+        if not self.plain:
+            out = out + self.shortcut(x)
+        return F.relu(out)
+
+
+class ResNet(nn.Module):
+    OPTIONS = ("plain", "stem", "zero_init_residual")
+
+    def __init__(self, depth, num_classes, in_channels=3, image_size=32, plain=False, stem="auto",
+                 zero_init_residual=False):
+        super().__init__()
+        if plain and zero_init_residual:
+            raise ValueError("zero_init_residual needs the shortcuts: a plain network would output zeros")
+        kind, blocks, widths, shortcut = RESNETS[depth]
+        c = widths[0]
+        if _stem(stem, image_size) == "imagenet":  # N x c x 56 x 56 at 224
+            self.stem = nn.Sequential(*_conv_bn(in_channels, c, 7, 2), nn.ReLU(inplace=True),
+                                      nn.MaxPool2d(3, 2, 1))
+        else:  # N x c x 32 x 32 at 32
+            self.stem = nn.Sequential(*_conv_bn(in_channels, c, 3), nn.ReLU(inplace=True))
+        stages = []
+        for i, (n, width) in enumerate(zip(blocks, widths)):
+            stage = []
+            for j in range(n):
+                stage.append(Block(kind, c, width, 2 if i > 0 and j == 0 else 1, shortcut, plain))
+                c = width * (4 if kind == "bottleneck" else 1)
+            stages.append(nn.Sequential(*stage))
+        # ImageNet: 56 -> 56, 28, 14, 7 px (at 224); CIFAR: 32 -> 32, 16, 8 px (at 32)
+        self.stages = nn.Sequential(*stages)  # N x 512 (2048 for bottleneck; 64 for CIFAR) x 7 x 7
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(c, num_classes)
+        _init_weights(self, linear_std=None)
+        if zero_init_residual:  # each block starts as the identity (Goyal et al. 2017)
+            for m in self.modules():
+                if isinstance(m, Block):
+                    nn.init.zeros_(m.residual[-1].weight)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.pool(self.stages(self.stem(x))), 1))
+
+
+# --------------------------------------------------------------------------- registry
+# name -> builder(num_classes, in_channels=3, image_size=32, **options): a family class, or the
+# class with its table row bound (partial), e.g. MODELS["resnet50"](1000, 3, 224).
+MODELS = {
+    "lenet5": LeNet5,
+    "alexnet": AlexNet,
+    "nin": NiN,
+    **{f"vgg{d}{'_bn' * bn}": partial(VGG, d, bn) for bn in (False, True) for d in VGGS},
+    "googlenet": GoogLeNet,
+    **{f"resnet{d}": partial(ResNet, d) for d in RESNETS},
+}
+
+
+def model_options(name):
+    """The options build_model takes for this model, e.g. ('plain', 'stem', 'zero_init_residual')."""
+    builder = MODELS[name]
+    return getattr(builder, "func", builder).OPTIONS  # partial(ResNet, 50).func is ResNet
+
+
+def build_model(name, num_classes, in_channels=3, image_size=32, **options):
+    """A freshly initialised model; image_size picks the 'auto' stem / head, inputs of any size
+    the network can downsample work (adaptive pooling)."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose from: {', '.join(MODELS)}")
+    sizes = {"num_classes": num_classes, "in_channels": in_channels, "image_size": image_size}
+    for arg, value in sizes.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{arg} must be a positive integer (got {value!r})")
+    options = {k: v for k, v in options.items() if v is not None}
+    allowed = model_options(name)
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        takes = f"it takes: {', '.join(allowed)}" if allowed else "it takes no options"
+        raise ValueError(f"{name} does not take option(s) {', '.join(unknown)}; {takes}")
+    return MODELS[name](num_classes, in_channels, image_size, **options)
+
+
+def count_macs(model, input_shape):
+    """Forward multiply-accumulates for one input of input_shape (N x C x H x W, or C x H x W for
+    N=1), counted by torch.utils.flop_counter (convs and linears), in eval mode."""
+    shape = (1, *input_shape) if len(input_shape) == 3 else tuple(input_shape)
+    p = next(model.parameters(), torch.zeros(()))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(torch.zeros(shape, device=p.device, dtype=p.dtype))
+    finally:
+        model.train(was_training)
+    return counter.get_total_flops() // 2
+
+
+# --------------------------------------------------------------------------- checkpoints
+REQUIRED_KEYS = ("format", "model_name", "model_options", "num_classes", "in_channels", "image_size", "model")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, unreadable, unsafe or not ours (one-line message)."""
+
+
+def _reason(e):
+    """One short line out of torch.load's multi-paragraph errors."""
+    if isinstance(e, EOFError):
+        return "empty or truncated file"
+    found = re.search(r"WeightsUnpickler error:\s*(\S.*)", str(e))  # a non-zip, non-pickle file
+    if found:
+        return f"not a torch.save file ({found.group(1).strip()})"
+    return str(e).strip().split("\n")[0].split(". ")[0][:200] or type(e).__name__
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """torch.load(weights_only=True) of a deeper-networks checkpoint; CheckpointError otherwise."""
+    if not os.path.exists(path):
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        ck = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Unsupported global" in str(e):
+            raise CheckpointError(f"refusing to load {path}: it contains pickled code/objects that are "
+                                  "not plain weights (loaded with weights_only=True)") from None
+        raise CheckpointError(f"cannot read checkpoint {path}: {_reason(e)}") from None
+    except Exception as e:  # RuntimeError (bad zip), EOFError (empty), OSError (a directory), ...
+        raise CheckpointError(f"cannot read checkpoint {path}: {_reason(e)}") from None
+    missing = [k for k in REQUIRED_KEYS if not isinstance(ck, dict) or k not in ck]
+    if missing:
+        raise CheckpointError(f"{path} is not a deeper-networks checkpoint (missing: {', '.join(missing)})")
+    return ck
+
+
+def model_from_checkpoint(ck, ema=False):
+    """The checkpoint's model (its EMA weights if ema and present), in eval mode, on the CPU."""
+    model = build_model(ck["model_name"], ck["num_classes"], ck["in_channels"], ck["image_size"],
+                        **ck["model_options"])
+    try:
+        model.load_state_dict(ck["ema"] if ema and ck.get("ema") else ck["model"])
+    except RuntimeError as e:
+        raise CheckpointError(f"checkpoint weights do not fit {ck['model_name']}: "
+                              f"{str(e).splitlines()[0]}") from None
+    return model.eval()
+
+
+# --------------------------------------------------------------------------- table
+def get_args_parser():
+    parser = argparse.ArgumentParser(description="Parameters and forward MACs of every model.")
+    parser.add_argument("models", nargs="*", metavar="MODEL", help=f"default: all of {', '.join(MODELS)}")
+    parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--in-channels", type=int, default=3)
+    parser.add_argument("--num-classes", type=int, default=10)
+    return parser
+
+
+def main(args):
+    names = args.models or list(MODELS)
+    for name in names:
+        if name not in MODELS:
+            raise ValueError(f"unknown model {name!r}; choose from: {', '.join(MODELS)}")
+    if min(args.image_size, args.in_channels, args.num_classes) < 1:
+        raise ValueError("--image-size, --in-channels and --num-classes must be positive")
+    shape = (1, args.in_channels, args.image_size, args.image_size)
+    print(f"input {'x'.join(map(str, shape[1:]))}, {args.num_classes} classes, default options\n")
+    print(f"| {'model':<11} | {'params':>9} | {'MACs':>9} |\n|{'-' * 13}|{'-' * 11}|{'-' * 11}|")
+    for name in names:
+        # on the meta device: shapes only, no memory or compute (resnet1202 and vgg19 are instant)
+        with torch.device("meta"):
+            model = build_model(name, args.num_classes, args.in_channels, args.image_size)
+            params = sum(p.numel() for p in model.parameters())
+            macs = count_macs(model, shape)
+        print(f"| {name:<11} | {params / 1e6:8.2f}M | {_human(macs):>9} |")
+
+
+def _human(n):
+    return f"{n / 1e9:.2f}G" if n >= 1e9 else f"{n / 1e6:.1f}M"
+
+
+if __name__ == "__main__":
+    args = get_args_parser().parse_args()
+    try:
+        main(args)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
