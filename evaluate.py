@@ -1,0 +1,544 @@
+"""Evaluate checkpoints: accuracy, per-class metrics, confusion matrix, plots, timing.
+
+    python evaluate.py runs/cifar10-resnet20-20250101-120000/best.pt --tta --summary
+    python evaluate.py runs/depth-*/best.pt --out results/depth   # + one comparison table
+
+The test data is rebuilt from the checkpoint alone (dataset, data dir, image size, channels,
+val split, seed, limit_test, mean/std); --dataset / --data-dir override it. Per checkpoint,
+the output folder gets eval.json, confusion_matrix.csv/.png, misclassified.png, summary.txt.
+Output folder: --out for one checkpoint; --out/<run dir> for several (<run dir>-<stem> when
+run dirs repeat); without --out, the checkpoint's own folder (eval-<stem>/ inside it when
+several given checkpoints share that folder). Several checkpoints also give comparison.csv
+and comparison.md in --out, or without --out in the checkpoints' common parent folder.
+The data is never downloaded here unless --download is given.
+
+Metric conventions (pure functions below, tested against hand-computed values):
+- top-1 prediction = argmax of the logits; among tied logits the lowest class index wins.
+- top-k: the target's rank is the number of classes with a larger logit plus the number of
+  tied classes with a lower index (same tie rule as argmax); a hit when rank < k. k larger
+  than the class count is clipped to it (top-5 on 3 classes is 1.0; the key stays "top5").
+- confusion matrix: rows = true class, columns = predicted class.
+- precision of a class never predicted = 0.0; recall and F1 of a class absent from the
+  labels (support 0) = None (undefined), and macro averages run over the classes with
+  support > 0. F1 = 0.0 when precision + recall = 0.
+
+train.py imports evaluate(model, loader, num_classes) for its per-epoch pass.
+"""
+import argparse
+import csv
+import json
+import math
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from data import DATASETS, load_data, make_loader
+from models import CheckpointError, count_macs, load_checkpoint, model_from_checkpoint
+
+AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+# ----------------------------------------------------------------------------- metrics
+
+def target_rank(logits, targets):
+    """0-based rank of each target class in its row of logits (N x C), ties to the lower index."""
+    t = logits.gather(1, targets[:, None])  # N x 1
+    idx = torch.arange(logits.shape[1], device=logits.device)
+    above = (logits > t) | ((logits == t) & (idx < targets[:, None]))  # N x C
+    return above.sum(1)  # N
+
+
+def topk_accuracy(logits, targets, ks=(1, 5)):
+    """Fraction of rows whose target is among the top-k logits, for each k (clipped to C)."""
+    rank = target_rank(logits, targets)
+    return [(rank < min(k, logits.shape[1])).sum().item() / len(rank) for k in ks]
+
+
+def confusion_matrix(preds, targets, num_classes):
+    """C x C int64 counts, rows = true class, columns = predicted class (stays on device).
+
+    1-D scatter_add_ rather than bincount: CUDA bincount reads its max back to the host (a
+    sync per batch), and 1-D scatter_add_ is deterministic under torch's deterministic mode."""
+    flat = targets.long() * num_classes + preds.long()
+    cm = torch.zeros(num_classes * num_classes, dtype=torch.long, device=flat.device)
+    return cm.scatter_add_(0, flat, torch.ones_like(flat)).view(num_classes, num_classes)
+
+
+def per_class_metrics(cm, classes=None):
+    """Precision/recall/F1/support per class and their macro averages from a confusion matrix.
+
+    Never-predicted class: precision 0.0. Class absent from the labels: recall and F1 None,
+    and it is left out of the macro averages (which run over classes with support > 0).
+    """
+    cm = torch.as_tensor(cm).long().cpu()
+    classes = classes or [str(i) for i in range(len(cm))]
+    tp, predicted, support = cm.diag().tolist(), cm.sum(0).tolist(), cm.sum(1).tolist()
+    rows = []
+    for c, name in enumerate(classes):
+        p = tp[c] / predicted[c] if predicted[c] else 0.0
+        r = tp[c] / support[c] if support[c] else None
+        f1 = None if r is None else (2 * p * r / (p + r) if p + r else 0.0)
+        rows.append({"class": name, "precision": p, "recall": r, "f1": f1, "support": support[c]})
+    present = [row for row in rows if row["support"] > 0]
+    macro = {key: (sum(row[key] for row in present) / len(present) if present else None)
+             for key in ("precision", "recall", "f1")}
+    return {"per_class": rows, "macro": macro}
+
+
+# ----------------------------------------------------------------------------- the eval pass
+
+def forward(model, x, amp_dtype=None, tta=False):
+    """Float32 logits N x C; with tta, log of the mean softmax over x and its horizontal flip."""
+    with torch.autocast(x.device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+        out = model(x)
+        out = out[0] if isinstance(out, (tuple, list)) else out
+        if tta:
+            flipped = model(x.flip(-1))
+            flipped = flipped[0] if isinstance(flipped, (tuple, list)) else flipped
+    if not tta:
+        return out.float()
+    both = torch.stack([out.float().log_softmax(1), flipped.float().log_softmax(1)])
+    return torch.logsumexp(both, 0) - math.log(2)  # log-probs: argmax/CE of the averaged softmax
+
+
+@torch.no_grad()
+def evaluate(model, loader, num_classes, *, amp_dtype=None, tta=False, keep_predictions=False):
+    """One pass: {"loss", "top1", "top5", "n", "confusion_matrix" (C x C CPU tensor)}.
+
+    Sums stay on the device (no per-batch host sync). keep_predictions adds per-sample
+    "preds", "confidence" (softmax prob of the prediction) and "targets" (CPU tensors, loader
+    order). The model is put in eval mode and its previous mode restored afterwards.
+    """
+    was_training = model.training
+    model.eval()
+    n, sums, cm, kept = 0, None, None, []
+    for x, y in loader:
+        logits = forward(model, x, amp_dtype, tta)  # N x C
+        rank = target_rank(logits, y)
+        batch = torch.stack([F.cross_entropy(logits, y, reduction="sum"),
+                             (rank < 1).sum().float(), (rank < min(5, num_classes)).sum().float()])
+        preds = logits.argmax(1)
+        batch_cm = confusion_matrix(preds, y, num_classes)
+        sums = batch if sums is None else sums + batch
+        cm = batch_cm if cm is None else cm + batch_cm
+        n += y.shape[0]
+        if keep_predictions:
+            kept.append((preds, logits.softmax(1).amax(1), y))
+    model.train(was_training)
+    if n == 0:
+        raise ValueError("evaluate: the loader yielded no samples")
+    loss, top1, top5 = sums.tolist()  # the one host sync of the pass
+    result = {"loss": loss / n, "top1": top1 / n, "top5": top5 / n, "n": n, "confusion_matrix": cm.cpu()}
+    if keep_predictions:
+        for i, key in enumerate(("preds", "confidence", "targets")):
+            result[key] = torch.cat([k[i] for k in kept]).cpu()
+    return result
+
+
+# ----------------------------------------------------------------------------- timing, summary
+
+def device_name(device):
+    """GPU name, or CPU model (from /proc/cpuinfo where there is one) plus torch's thread count."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = platform.processor() or platform.machine() or "CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), name)
+    except OSError:
+        pass
+    return f"{name} ({torch.get_num_threads()} threads)"
+
+
+def _time_forward(model, x, amp_dtype, warmup, repeats, max_seconds):
+    """Per-call seconds of model(x): warm-up, then repeats (bounded by max_seconds, at least 1)."""
+    sync = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        forward(model, x, amp_dtype)
+    sync()
+    times, start = [], time.perf_counter()
+    while len(times) < repeats and (not times or time.perf_counter() - start < max_seconds):
+        t0 = time.perf_counter()
+        forward(model, x, amp_dtype)
+        sync()  # kernels are asynchronous on CUDA: wait before reading the clock
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+@torch.no_grad()
+def benchmark(model, input_shape, *, batch_size=256, amp_dtype=None, channels_last=False):
+    """Median / p90 latency at batch 1 (ms) and throughput at batch_size (images/s) on random
+    inputs of shape C x H x W, on the model's device. CPU runs are kept short (bounded time)."""
+    device = next(model.parameters()).device
+    cuda = device.type == "cuda"
+    model.eval()
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+
+    def inputs(b):
+        return torch.randn(b, *input_shape, device=device).contiguous(memory_format=fmt)
+
+    # (warm-ups, repeats, seconds): CUDA warm-ups also cover cuDNN autotuning / lazy init
+    lat = _time_forward(model, inputs(1), amp_dtype, *((20, 200, 5.0) if cuda else (3, 20, 1.0)))
+    thr = _time_forward(model, inputs(batch_size), amp_dtype, *((5, 30, 5.0) if cuda else (1, 5, 2.0)))
+    lat_ms = sorted(t * 1000 for t in lat)
+    return {"latency_ms_batch1": statistics.median(lat_ms),
+            "latency_ms_batch1_p90": lat_ms[min(len(lat_ms) - 1, math.ceil(0.9 * len(lat_ms)) - 1)],
+            "images_per_second": batch_size / statistics.median(thr),
+            "timing_batch_size": batch_size, "timing_repeats": [len(lat), len(thr)]}
+
+
+def human(n):
+    """12345678 -> '12.35M'."""
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return str(n)
+
+
+@torch.no_grad()
+def model_summary(model, input_shape, name=""):
+    """Layer table (layer, type, output shape, parameters) from forward hooks on leaf modules
+    at batch 1, plus total parameters and forward MACs. Returns (text, params, macs)."""
+    model.eval()
+    rows, seen, hooks = [], set(), []
+
+    def hook(layer):
+        def fn(module, inputs, out):
+            out = out[0] if isinstance(out, (tuple, list)) else out
+            shape = " x ".join(map(str, out.shape[1:])) if torch.is_tensor(out) else type(out).__name__
+            params = 0 if layer in seen else sum(p.numel() for p in module.parameters(recurse=False))
+            seen.add(layer)  # a module run twice (a shared ReLU) counts its parameters once
+            rows.append((layer, type(module).__name__, shape, f"{params:,}"))
+        return fn
+
+    for layer, module in model.named_modules():
+        if not any(module.children()):
+            hooks.append(module.register_forward_hook(hook(layer)))
+    device = next(model.parameters()).device
+    try:
+        model(torch.zeros(1, *input_shape, device=device))
+    finally:
+        for h in hooks:
+            h.remove()
+    params = sum(p.numel() for p in model.parameters())
+    macs = count_macs(model, (1, *input_shape))
+    header = ("layer", "type", "output shape", "parameters")
+    widths = [max(len(r[i]) for r in rows + [header]) for i in range(4)]
+    line = lambda r: "  ".join([r[0].ljust(widths[0]), r[1].ljust(widths[1]),  # noqa: E731
+                                r[2].rjust(widths[2]), r[3].rjust(widths[3])])
+    shape = " x ".join(map(str, input_shape))
+    text = [f"{name} (input {shape})", line(header), "-" * (sum(widths) + 6)] + [line(r) for r in rows]
+    in_table = sum(int(r[3].replace(",", "")) for r in rows)
+    text += ["-" * (sum(widths) + 6), f"total parameters: {params:,} ({human(params)})",
+             f"forward MACs per image: {macs:,} ({human(macs)})"]
+    if in_table != params:
+        text.append(f"parameters of modules not run in eval mode or not leaves: {params - in_table:,}")
+    return "\n".join(text) + "\n", params, macs
+
+
+# ----------------------------------------------------------------------------- files and plots
+
+def write_json(report, path):
+    """indent=2 JSON with each confusion-matrix row on one line (100 x 100 stays readable)."""
+    rows = ["\0" + json.dumps(row) + "\0" for row in report["confusion_matrix"]]
+    text = json.dumps({**report, "confusion_matrix": rows}, indent=2)
+    Path(path).write_text(re.sub(r'"\\u0000(.*?)\\u0000"', r"\1", text) + "\n")
+
+
+def write_confusion_csv(cm, classes, path):
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["true \\ predicted"] + list(classes))
+        for name, row in zip(classes, cm.tolist()):
+            w.writerow([name] + row)
+
+
+def plot_confusion_matrix(cm, classes, path):
+    """Counts and row-normalized (recall) heatmaps side by side; cells annotated up to 20 classes."""
+    from matplotlib.figure import Figure  # no pyplot: no global backend state
+
+    cm = torch.as_tensor(cm).double()
+    c = len(classes)
+    annotate = c <= 20
+    cell = 0.55 if annotate else max(0.12, 12 / c)  # inches per cell
+    font = 9 if annotate else max(4, min(8, 72 * cell * 0.8))
+    side = max(4.0, c * cell)
+    label = max(len(s) for s in classes) * font / 72 * 0.6 + 0.8  # room for tick labels, inches
+    fig = Figure(figsize=(2 * (side + label) + 2.5, side + label + 0.8), dpi=100)
+    axes = fig.subplots(1, 2)
+    norm = cm / cm.sum(1, keepdim=True).clamp(min=1)
+    for ax, values, title in ((axes[0], cm, "counts"), (axes[1], norm, "row-normalized (recall)")):
+        im = ax.imshow(values.numpy(), cmap="Blues", interpolation="nearest",
+                       vmin=0, vmax=1 if values is norm else None)
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+        ax.set_title(title)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        ax.set_xticks(range(c), classes, rotation=90, fontsize=font)
+        ax.set_yticks(range(c), classes, fontsize=font)
+        if annotate:
+            top = values.max().item() or 1
+            for i in range(c):
+                for j in range(c):
+                    v = values[i, j].item()
+                    text = f"{int(v)}" if values is cm else f"{v:.2f}"
+                    ax.text(j, i, text, ha="center", va="center", fontsize=font - 1,
+                            color="white" if v > top / 2 else "black")
+    fig.tight_layout()
+    fig.savefig(path, bbox_inches="tight")
+
+
+def plot_misclassified(images, preds, targets, confidence, classes, path, max_images=36):
+    """Grid of wrong predictions, most confident first. images: list of C x H x W floats in
+    [0, 1]. Drawn as one mosaic image with text labels (36 separate axes render slowly)."""
+    from matplotlib.figure import Figure
+
+    n = min(len(images), max_images)
+    if n == 0:
+        fig = Figure(figsize=(4, 1), dpi=100)
+        fig.text(0.5, 0.5, "no misclassified images", ha="center", va="center")
+        fig.savefig(path)
+        return
+    cols, cell = min(6, n), 1.7  # tiles per row; inches per tile
+    rows = math.ceil(n / cols)
+    c, h, w = images[0].shape
+    up = max(1, math.ceil(64 / max(h, w)))  # nearest-neighbour upscaling: crisp small digits
+    h, w = h * up, w * up
+    band, pad = math.ceil(0.42 * w / cell), math.ceil(0.08 * w / cell)  # label band, gap (pixels)
+    ph, pw = band + h + pad, w + pad  # tile pitch
+    grid = torch.ones(c, rows * ph, cols * pw)  # white background
+    fig = Figure(figsize=(cols * pw / w * cell, (rows * ph + band) / w * cell), dpi=100)
+    ax = fig.add_axes((0, 0, 1, 1))
+    ax.set_axis_off()
+    short = [name if len(name) <= 20 else name[:19] + "…" for name in classes]
+    for i in range(n):
+        r, k = divmod(i, cols)
+        top, left = r * ph + band, k * pw + pad // 2
+        img = images[i].clamp(0, 1).repeat_interleave(up, 1).repeat_interleave(up, 2)
+        grid[:, top:top + h, left:left + w] = img
+        ax.text(left + w / 2, top - 1, f"pred: {short[preds[i]]} ({confidence[i]:.1%})\n"
+                f"true: {short[targets[i]]}", ha="center", va="bottom", fontsize=7)
+    grid = torch.cat([torch.ones(c, band, grid.shape[2]), grid], 1)  # room for the title
+    ax.imshow((grid[0] if c == 1 else grid.permute(1, 2, 0)).numpy(), cmap="gray", vmin=0, vmax=1,
+              interpolation="nearest", extent=(0, grid.shape[2], grid.shape[1] - band, -band))
+    ax.text(grid.shape[2] / 2, -band / 2, "most confident mistakes: predicted (softmax "
+            "confidence) vs true", ha="center", va="center", fontsize=9)
+    fig.savefig(path)
+
+
+def gather_images(loader, indices, mean, std):
+    """Loader-order samples at `indices`, de-normalized back to [0, 1] (what the model saw)."""
+    wanted = {int(i): k for k, i in enumerate(indices)}
+    out = [None] * len(indices)
+    mean, std = torch.tensor(mean)[:, None, None], torch.tensor(std)[:, None, None]
+    start = 0
+    for x, _ in loader:
+        if start > max(wanted, default=-1):
+            break
+        for i in range(start, start + x.shape[0]):
+            if i in wanted:
+                out[wanted[i]] = x[i - start].float().cpu() * std + mean
+        start += x.shape[0]
+    return out
+
+
+# ----------------------------------------------------------------------------- the CLI
+
+def output_dirs(paths, out):
+    """One output folder per checkpoint (rules in the module docstring)."""
+    paths = [Path(p).resolve() for p in paths]
+    if out is not None and len(paths) == 1:
+        return [Path(out)]
+    if out is None:
+        parents = [p.parent for p in paths]
+        return [p.parent / f"eval-{p.stem}" if parents.count(p.parent) > 1 else p.parent for p in paths]
+    names = [p.parent.name or p.stem for p in paths]
+    if len(set(names)) < len(names):
+        names = [f"{p.parent.name}-{p.stem}" for p in paths]
+    names = [f"{n}-{i}" if names.count(n) > 1 else n for i, n in enumerate(names)]
+    return [Path(out) / n for n in names]
+
+
+def pick_device(name):
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available")
+    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else
+                        "cpu" if name == "auto" else name)
+
+
+def pick_amp(name, device):
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+    return AMP_DTYPES[name]
+
+
+def load_eval_data(ck, path, args):
+    """The checkpoint's dataset and split, rebuilt from its recorded arguments."""
+    a = ck.get("args") or {}
+    name = args.dataset or a.get("dataset")
+    if not name:
+        raise ValueError(f"{path} does not record its dataset; pass --dataset")
+    data = load_data(name, args.data_dir or a.get("data_dir") or "data", image_size=ck["image_size"],
+                     channels=ck["in_channels"], val_split=a.get("val_split") or 0.0,
+                     limit_train=a.get("limit_train"), limit_test=a.get("limit_test"),
+                     seed=a.get("seed") or 0, download=args.download)
+    if data.num_classes != ck["num_classes"]:
+        raise ValueError(f"dataset {name} has {data.num_classes} classes but {path} was trained "
+                         f"for {ck['num_classes']}")
+    split = data.val if args.split == "val" else data.test
+    if split is None:
+        raise ValueError(f"--split val: {path} was trained without a validation split "
+                         f"(val_split={a.get('val_split') or 0}); use --split test")
+    return name, data, split
+
+
+def evaluate_checkpoint(path, out, args, device):
+    """Everything for one checkpoint: metrics, plots, summary, timing -> the eval.json dict."""
+    ck = load_checkpoint(path)
+    dataset, data, split = load_eval_data(ck, path, args)
+    classes = list(ck.get("classes") or data.classes)
+    mean, std = ck.get("mean") or data.mean, ck.get("std") or data.std  # the training normalization
+    use_ema = bool(args.ema and ck.get("ema"))
+    if args.ema and not use_ema:
+        print(f"note: {path} has no EMA weights; evaluating the model weights", file=sys.stderr)
+    model = model_from_checkpoint(ck, ema=use_ema).to(device)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    amp_dtype = pick_amp(args.amp, device)
+    loader = make_loader(split, mean=mean, std=std, batch_size=args.batch_size,
+                         train=False, device=device, channels_last=args.channels_last,
+                         image_size=ck["image_size"])
+    res = evaluate(model, loader, ck["num_classes"], amp_dtype=amp_dtype, keep_predictions=True)
+    tta = None
+    if args.tta:
+        r = evaluate(model, loader, ck["num_classes"], amp_dtype=amp_dtype, tta=True)
+        tta = {"top1": r["top1"], "top5": r["top5"], "loss": r["loss"]}
+    cm = res["confusion_matrix"]
+    input_shape = (ck["in_channels"], ck["image_size"], ck["image_size"])
+    summary, params, macs = model_summary(model, input_shape, ck["model_name"])
+    timing = dict.fromkeys(("latency_ms_batch1", "latency_ms_batch1_p90", "images_per_second",
+                            "timing_batch_size", "timing_repeats"))
+    if not args.no_timing:
+        timing = benchmark(model, input_shape, batch_size=args.batch_size, amp_dtype=amp_dtype,
+                           channels_last=args.channels_last)
+
+    out.mkdir(parents=True, exist_ok=True)
+    write_confusion_csv(cm, classes, out / "confusion_matrix.csv")
+    plot_confusion_matrix(cm, classes, out / "confusion_matrix.png")
+    wrong = (res["preds"] != res["targets"]).nonzero().flatten()
+    wrong = wrong[res["confidence"][wrong].argsort(descending=True, stable=True)][:36]
+    images = gather_images(loader, wrong.tolist(), mean, std)
+    plot_misclassified(images, res["preds"][wrong].tolist(), res["targets"][wrong].tolist(),
+                       res["confidence"][wrong].tolist(), classes, out / "misclassified.png")
+    (out / "summary.txt").write_text(summary)
+    if args.summary:
+        print(summary)
+
+    history = ck.get("history") or []
+    seconds = [h.get("epoch_seconds") for h in history if h.get("epoch_seconds") is not None]
+    report = {
+        "checkpoint": str(path), "model": ck["model_name"], "model_options": ck["model_options"],
+        "dataset": dataset, "split": args.split, "n": res["n"], "epoch": ck.get("epoch"),
+        "weights": "ema" if use_ema else "model",
+        "top1": res["top1"], "top5": res["top5"], "loss": res["loss"],
+        "tta": tta, "tta_top1": tta and tta["top1"], "tta_top5": tta and tta["top5"],
+        **per_class_metrics(cm, classes), "confusion_matrix": cm.tolist(), "classes": classes,
+        "params": params, "macs": macs, **timing,
+        "device": device_name(device), "device_type": device.type, "torch": torch.__version__,
+        "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "off",
+        "channels_last": args.channels_last, "train_seconds": sum(seconds) if seconds else None,
+    }
+    write_json(report, out / "eval.json")
+    print(f"{path}: {ck['model_name']} on {dataset} ({args.split}, {res['n']} images, epoch "
+          f"{ck.get('epoch')}, {report['weights']} weights): top-1 {res['top1']:.2%}  "
+          f"top-5 {res['top5']:.2%}  loss {res['loss']:.4f}")
+    line = f"  params {human(params)}  MACs {human(macs)}"
+    if timing["latency_ms_batch1"] is not None:
+        line += (f"  latency b1 {timing['latency_ms_batch1']:.2f} ms (p90 "
+                 f"{timing['latency_ms_batch1_p90']:.2f})  {timing['images_per_second']:,.0f} img/s "
+                 f"at batch {timing['timing_batch_size']}")
+    print(line + f"  [{report['device']}]")
+    if tta:
+        print(f"  flip-TTA: top-1 {tta['top1']:.2%}  top-5 {tta['top5']:.2%}")
+    print(f"  wrote {out}/ eval.json confusion_matrix.csv confusion_matrix.png misclassified.png summary.txt")
+    return report
+
+
+COLUMNS = ("run", "model", "dataset", "params", "macs", "top1", "top5", "latency_ms_batch1",
+           "images_per_second", "epochs", "train_seconds", "checkpoint")
+
+
+def comparison(reports, out_dir):
+    """Markdown table (returned) + comparison.csv / comparison.md in out_dir."""
+    rows = [{"run": Path(r["checkpoint"]).parent.name + "/" + Path(r["checkpoint"]).name,
+             "epochs": r["epoch"], **{k: r[k] for k in COLUMNS if k in r}} for r in reports]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / "comparison.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, COLUMNS)
+        w.writeheader()
+        w.writerows(rows)
+    fmt = lambda v, f: "-" if v is None else f(v)  # noqa: E731
+    lines = ["| run | model | dataset | params | MACs | top-1 | top-5 | latency b1 (ms) | img/s | epochs | train time |",
+             "|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|"]
+    for r in rows:
+        lines.append("| " + " | ".join([
+            r["run"], r["model"], r["dataset"], human(r["params"]), human(r["macs"]),
+            f"{r['top1']:.2%}", f"{r['top5']:.2%}", fmt(r["latency_ms_batch1"], lambda v: f"{v:.2f}"),
+            fmt(r["images_per_second"], lambda v: f"{v:,.0f}"), fmt(r["epochs"], str),
+            fmt(r["train_seconds"], lambda v: f"{v / 60:.1f} min")]) + " |")
+    table = "\n".join(lines) + "\n"
+    (out_dir / "comparison.md").write_text(table)
+    return table
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser(description="Evaluate deeper-networks checkpoints.")
+    p.add_argument("checkpoints", nargs="+", metavar="CKPT")
+    p.add_argument("--data-dir", default=None, help="default: the one recorded in the checkpoint")
+    p.add_argument("--dataset", default=None, choices=sorted(DATASETS), help="default: the checkpoint's")
+    p.add_argument("--download", action="store_true", help="download the dataset when missing")
+    p.add_argument("--split", default="test", choices=("test", "val"))
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--batch-size", type=int, default=256, help="eval batch and throughput batch")
+    p.add_argument("--out", default=None, help="output folder (see the module docstring)")
+    p.add_argument("--tta", action="store_true", help="also report horizontal-flip TTA accuracy")
+    p.add_argument("--amp", default="auto", choices=("auto", "off", "bf16", "fp16"),
+                   help="auto: bf16 on CUDA where supported, off on CPU")
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--ema", action="store_true", help="evaluate the EMA weights when present")
+    p.add_argument("--no-timing", action="store_true", help="skip latency/throughput timing")
+    p.add_argument("--summary", action="store_true", help="print the model's layer table")
+    return p
+
+
+def main(args):
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    for path in args.checkpoints:  # fail before any long work on a typo
+        if not os.path.isfile(path):
+            raise CheckpointError(f"checkpoint not found: {path}")
+    device = pick_device(args.device)
+    outs = output_dirs(args.checkpoints, args.out)
+    reports = [evaluate_checkpoint(p, o, args, device) for p, o in zip(args.checkpoints, outs)]
+    if len(reports) > 1:
+        out_dir = Path(args.out) if args.out else Path(os.path.commonpath(
+            [str(Path(p).resolve().parent) for p in args.checkpoints]))
+        print("\n" + comparison(reports, out_dir) + f"wrote {out_dir}/comparison.csv, comparison.md")
+    return reports
+
+
+if __name__ == "__main__":
+    args = get_args_parser().parse_args()
+    try:
+        main(args)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
