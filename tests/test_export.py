@@ -1,0 +1,226 @@
+"""export.py: ONNX parity with PyTorch for every model family (checked with onnxruntime itself),
+metadata, the CLI's --check / --benchmark, unsafe checkpoints, and AOTInductor + cpp/classify."""
+import json
+import os
+import shlex
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+import torch.nn.functional as F
+
+import export
+from models import build_model
+
+REPO = Path(__file__).resolve().parent.parent
+
+# One representative per family (and the variants that change the graph), at small inputs.
+FAMILIES = [
+    ("lenet5", 1, 28, {}),
+    ("alexnet", 3, 32, {}),
+    ("nin", 3, 32, {}),
+    ("vgg11_bn", 3, 32, {}),
+    ("googlenet", 3, 32, {"aux_logits": True, "residual": "projection"}),
+    ("resnet18", 3, 32, {}),
+    ("resnet20", 3, 32, {}),
+    ("resnet20", 3, 32, {"plain": True}),
+]
+
+
+def make_checkpoint(path, name="resnet20", in_channels=3, image_size=32, num_classes=10, dataset="synthetic",
+                    data_dir="data", **options):
+    """A checkpoint with the keys train.py writes, around a freshly initialised model."""
+    torch.manual_seed(0)
+    model = build_model(name, num_classes, in_channels, image_size, **options)
+    with torch.no_grad():  # non-trivial BatchNorm statistics, so folding them into convs is tested
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    ck = {"format": "deeper-networks/1", "model_name": name, "model_options": options,
+          "num_classes": num_classes, "in_channels": in_channels, "image_size": image_size,
+          "classes": [f"class {i}" for i in range(num_classes)],
+          "mean": [0.5] * in_channels, "std": [0.25] * in_channels,
+          "args": {"dataset": dataset, "data_dir": str(data_dir), "seed": 0, "val_split": 0.0},
+          "epoch": 1, "model": model.state_dict(), "ema": None, "optimizer": None, "scheduler": None,
+          "scaler": None, "rng": None, "history": []}
+    torch.save(ck, path)
+    return ck, model.eval()
+
+
+def export_main(*argv):
+    export.main(export.get_args_parser().parse_args([str(a) for a in argv]))
+
+
+def ort_logits(path, x):
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+
+
+@pytest.mark.parametrize("name,in_channels,image_size,options", FAMILIES,
+                         ids=[f"{n}{'-' + '-'.join(o) if o else ''}" for n, _, _, o in FAMILIES])
+def test_onnx_matches_pytorch(tmp_path, name, in_channels, image_size, options):
+    ck, model = make_checkpoint(tmp_path / "m.pt", name, in_channels, image_size, **options)
+    export_main(tmp_path / "m.pt")
+    path = tmp_path / "m.onnx"  # default: beside the checkpoint
+    proto = onnx.load(str(path))
+    onnx.checker.check_model(proto)
+    assert len(proto.graph.output) == 1  # GoogLeNet's aux heads are not exported
+    assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # symbolic batch axis
+    torch.manual_seed(1)
+    for batch in (1, 7):  # the same file at two batch sizes
+        x = torch.randn(batch, in_channels, image_size, image_size)
+        with torch.no_grad():
+            ref = model(x).numpy()
+        out = ort_logits(path, x)
+        assert out.shape == ref.shape == (batch, 10)
+        assert np.abs(out - ref).max() <= 1e-4 * np.abs(ref).max()
+    meta = {p.key: p.value for p in proto.metadata_props}
+    assert meta["model_name"] == name
+    assert json.loads(meta["model_options"]) == options
+    assert json.loads(meta["classes"]) == ck["classes"]
+    assert json.loads(meta["mean"]) == ck["mean"] and json.loads(meta["std"]) == ck["std"]
+    assert int(meta["image_size"]) == image_size and int(meta["in_channels"]) == in_channels
+
+
+def test_fp16_and_static_batch(tmp_path):
+    _, model = make_checkpoint(tmp_path / "m.pt", "resnet20")
+    export_main(tmp_path / "m.pt", "--fp16")
+    export_main(tmp_path / "m.pt", "--static-batch", "--out", tmp_path / "static.onnx")
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        ref = model(x).numpy()
+    out = ort_logits(tmp_path / "m.fp16.onnx", x)  # float32 in and out, float16 inside
+    assert out.dtype == np.float32 and np.abs(out - ref).max() <= 3e-2 * np.abs(ref).max()
+    assert (out.argmax(1) == ref.argmax(1)).all()
+    proto = onnx.load(str(tmp_path / "static.onnx"))
+    assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 1
+    assert np.abs(ort_logits(tmp_path / "static.onnx", x[:1]) - ref[:1]).max() <= 1e-4 * np.abs(ref).max()
+
+
+def test_cli_check_and_benchmark(tmp_path, run):
+    make_checkpoint(tmp_path / "m.pt", "resnet20")
+    r = run("export.py", tmp_path / "m.pt", "--check", "--benchmark", "--no-compile", "--batch-sizes", "1", "3",
+            "--warmup", "1", "--repeats", "2", "--threads", "1")
+    assert r.returncode == 0, r.stderr
+    assert "real (64 images)" in r.stdout and "random (7 images)" in r.stdout  # synthetic data is always there
+    assert "FAIL" not in r.stdout
+    report = json.loads((tmp_path / "m.benchmark.json").read_text())
+    for key in ("device", "torch", "onnxruntime", "provider", "intra_op_threads"):
+        assert report[key] is not None
+    assert report["provider"] == "cpu" and report["intra_op_threads"] == 1
+    rows = {(row["runtime"], row["batch"]) for row in report["results"]}
+    assert rows == {(rt, b) for rt in ("pytorch eager", "onnxruntime cpu") for b in (1, 3)}
+    assert all(row["images_per_second"] > 0 for row in report["results"])
+    assert "| onnxruntime cpu | 3 |" in r.stdout
+
+
+def test_check_without_data_uses_random_inputs(tmp_path, run):
+    make_checkpoint(tmp_path / "m.pt", "lenet5", 1, 28, dataset="mnist", data_dir=tmp_path / "nowhere")
+    r = run("export.py", tmp_path / "m.pt", "--check")
+    assert r.returncode == 0, r.stderr
+    notes = [line for line in r.stdout.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and "random inputs only" in notes[0]
+    assert "random (7 images)" in r.stdout and "real (" not in r.stdout
+
+
+def test_check_fails_past_tolerance(tmp_path, monkeypatch):
+    make_checkpoint(tmp_path / "m.pt", "lenet5", 1, 28)
+
+    right = export.OrtRunner
+
+    class Wrong:  # onnxruntime answering with logits that are off by 1
+        def __init__(self, sess):
+            self.run = right(sess)
+
+        def __call__(self, x):
+            return self.run(x) + 1.0
+
+    monkeypatch.setattr(export, "OrtRunner", Wrong)
+    with pytest.raises(ValueError, match="check failed: onnx on random") as e:
+        export_main(tmp_path / "m.pt", "--check")
+    assert "\n" not in str(e.value)
+
+
+class Payload:
+    """Pickles as a call to open(marker, 'w'): loading it with weights_only=False creates marker."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def test_pickle_payload_is_refused(tmp_path, run):
+    ck, _ = make_checkpoint(tmp_path / "m.pt", "lenet5", 1, 28)
+    marker = tmp_path / "pwned"
+    torch.save({**ck, "history": [Payload(str(marker))]}, tmp_path / "evil.pt")
+    r = run("export.py", tmp_path / "evil.pt", "--check")
+    assert r.returncode == 1
+    assert r.stderr.startswith("error: refusing to load") and len(r.stderr.strip().splitlines()) == 1
+    assert not marker.exists() and not (tmp_path / "evil.onnx").exists()
+
+
+def test_output_paths():
+    parse = export.get_args_parser().parse_args
+    assert export.output_paths(parse(["r/best.pt"])) == {"onnx": Path("r/best.onnx")}
+    assert export.output_paths(parse(["r/best.pt", "--format", "all", "--out", "o/x.onnx"])) == \
+        {"onnx": Path("o/x.onnx"), "aoti": Path("o/x.pt2")}
+    assert export.output_paths(parse(["r/best.pt", "--format", "aoti"])) == {"aoti": Path("r/best.pt2")}
+
+
+def write_ppm(path, rgb):
+    """Binary PPM (P6) with a header comment, from uint8 H x W x 3."""
+    h, w, _ = rgb.shape
+    path.write_bytes(f"P6\n# test image\n{w} {h}\n255\n".encode() + rgb.tobytes())
+
+
+def reference_preprocess(rgb, size, mean, std):
+    """What classify should do, written with torch ops: antialiased bilinear resize and PIL's
+    luminance, rounding to 8 bits after each step as data.py's uint8 pipeline does."""
+    x = torch.from_numpy(rgb).permute(2, 0, 1)[None].float() / 255  # 1 x 3 x H x W
+    x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    x = (x.clamp(0, 1) * 255).round() / 255
+    x = ((0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]) * 255).round() / 255
+    return (x - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+
+
+def test_aoti_package_runs_in_cpp(tmp_path, run):
+    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+    if not shutil.which("cmake") or not cxx:
+        pytest.skip("cmake or a C++ compiler is missing: cannot build cpp/classify")
+    ck, model = make_checkpoint(tmp_path / "lenet.pt", "lenet5", 1, 28)
+    build = tmp_path / "build"
+    # Build the C++ runner while the package compiles: they are independent.
+    configure = ["cmake", "-S", REPO / "cpp", "-B", build, f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}"]
+    cmake = subprocess.Popen(f"{shlex.join(map(str, configure))} && cmake --build {shlex.quote(str(build))} -j 2",
+                             shell=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    r = run("export.py", tmp_path / "lenet.pt", "--format", "aoti", "--check", "--device", "cpu")
+    log = cmake.communicate(timeout=600)[0]
+    assert r.returncode == 0, r.stderr
+    assert cmake.returncode == 0, log[-3000:]
+    assert (tmp_path / "lenet.pt2").exists() and (tmp_path / "lenet.pt2.meta").exists()
+    assert "check aoti" in r.stdout
+
+    rgb = np.random.default_rng(0).integers(0, 256, (40, 50, 3), dtype=np.uint8)  # resized to 28 x 28
+    rgb[:20, :25] = 255  # some structure, so the classes are not a near tie
+    write_ppm(tmp_path / "img.ppm", rgb)
+    out = subprocess.run([str(build / "classify"), str(tmp_path / "lenet.pt2"), str(tmp_path / "img.ppm")],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    lines = [line.split("\t") for line in out.stdout.strip().splitlines()]
+    assert [int(rank) for _, rank, *_ in lines] == [1, 2, 3, 4, 5]
+    assert all(image == str(tmp_path / "img.ppm") for image, *_ in lines)
+    assert all(name == ck["classes"][int(index)] for _, _, index, name, _ in lines)
+
+    with torch.no_grad():
+        prob = model(reference_preprocess(rgb, 28, ck["mean"], ck["std"])).softmax(1)[0]
+    top = prob.topk(5)
+    assert int(lines[0][2]) == top.indices[0].item()
+    np.testing.assert_allclose([float(p) for *_, p in lines], top.values.numpy(), atol=2e-3)
