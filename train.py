@@ -59,9 +59,18 @@ class Diverged(RuntimeError):
     """A non-finite loss: the run stops, the last good checkpoint stays."""
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults in --help, and the recipe table kept as written."""
+
+
 def get_args_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    recipes = "\n".join(f"  {name:<14} {', '.join(f'{k}={v}' for k, v in r.items())}"
+                         for name, r in RECIPES.items())
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=HelpFormatter,
+        epilog=f"Unset hyperparameters: {', '.join(f'{k}={v}' for k, v in DEFAULTS.items())}, "
+               f"lr sgd={DEFAULT_LR['sgd']} adamw={DEFAULT_LR['adamw']}, weight decay adamw="
+               f"{DEFAULT_WD['adamw']}; per dataset:\n{recipes}")
     g = p.add_argument_group("model and data")
     g.add_argument("--model", choices=sorted(models.MODELS), help="architecture")
     g.add_argument("--dataset", choices=sorted(data.DATASETS), help="dataset")
