@@ -25,7 +25,7 @@ import torch.nn as nn
 import data
 import models
 import train
-from evaluate import device_name
+from runtime import device_name, pick_amp, pick_device
 
 DEFAULT_MODELS = ("resnet18", "resnet20", "resnet56", "vgg16_bn", "googlenet")
 
@@ -111,8 +111,8 @@ def time_training(model, loader, device, amp_dtype, a, warmup, steps):
 
 
 def main(args):
-    device = train.pick_device(args.device)
-    amp_dtype = train.amp_dtype_for(args.amp, device)
+    device = pick_device(args.device)
+    amp_dtype = pick_amp(args.amp, device)
     torch.backends.cudnn.benchmark = True
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     d = data.load_data(args.dataset, args.data_dir)

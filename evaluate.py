@@ -29,21 +29,17 @@ import csv
 import json
 import math
 import os
-import platform
 import re
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from data import DATASETS, load_data, make_loader
-from models import CheckpointError, count_macs, load_checkpoint, model_from_checkpoint
-
-AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
+from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+from models import count_macs
+from runtime import device_name, median_p90, pick_amp, pick_device, time_calls
 
 # ----------------------------------------------------------------------------- metrics
 
@@ -144,35 +140,6 @@ def evaluate(model, loader, num_classes, *, amp_dtype=None, tta=False, keep_pred
 
 # ----------------------------------------------------------------------------- timing, summary
 
-def device_name(device):
-    """GPU name, or CPU model (from /proc/cpuinfo where there is one) plus torch's thread count."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    name = platform.processor() or platform.machine() or "CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), name)
-    except OSError:
-        pass
-    return f"{name} ({torch.get_num_threads()} threads)"
-
-
-def _time_forward(model, x, amp_dtype, warmup, repeats, max_seconds):
-    """Per-call seconds of model(x): warm-up, then repeats (bounded by max_seconds, at least 1)."""
-    sync = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
-    for _ in range(warmup):
-        forward(model, x, amp_dtype)
-    sync()
-    times, start = [], time.perf_counter()
-    while len(times) < repeats and (not times or time.perf_counter() - start < max_seconds):
-        t0 = time.perf_counter()
-        forward(model, x, amp_dtype)
-        sync()  # kernels are asynchronous on CUDA: wait before reading the clock
-        times.append(time.perf_counter() - t0)
-    return times
-
-
 @torch.no_grad()
 def benchmark(model, input_shape, *, batch_size=256, amp_dtype=None, channels_last=False):
     """Median / p90 latency at batch 1 (ms) and throughput at batch_size (images/s) on random
@@ -186,12 +153,15 @@ def benchmark(model, input_shape, *, batch_size=256, amp_dtype=None, channels_la
         return torch.randn(b, *input_shape, device=device).contiguous(memory_format=fmt)
 
     # (warm-ups, repeats, seconds): CUDA warm-ups also cover cuDNN autotuning / lazy init
-    lat = _time_forward(model, inputs(1), amp_dtype, *((20, 200, 5.0) if cuda else (3, 20, 1.0)))
-    thr = _time_forward(model, inputs(batch_size), amp_dtype, *((5, 30, 5.0) if cuda else (1, 5, 2.0)))
-    lat_ms = sorted(t * 1000 for t in lat)
-    return {"latency_ms_batch1": statistics.median(lat_ms),
-            "latency_ms_batch1_p90": lat_ms[min(len(lat_ms) - 1, math.ceil(0.9 * len(lat_ms)) - 1)],
-            "images_per_second": batch_size / statistics.median(thr),
+    def timed(x, warmup, repeats, seconds):
+        return time_calls(lambda: forward(model, x, amp_dtype), device=device, warmup=warmup,
+                          repeats=repeats, max_seconds=seconds)
+
+    lat = timed(inputs(1), *((20, 200, 5.0) if cuda else (3, 20, 1.0)))
+    thr = timed(inputs(batch_size), *((5, 30, 5.0) if cuda else (1, 5, 2.0)))
+    lat_med, lat_p90 = median_p90(lat)
+    return {"latency_ms_batch1": lat_med * 1000, "latency_ms_batch1_p90": lat_p90 * 1000,
+            "images_per_second": batch_size / median_p90(thr)[0],
             "timing_batch_size": batch_size, "timing_repeats": [len(lat), len(thr)]}
 
 
@@ -365,19 +335,6 @@ def output_dirs(paths, out):
         names = [f"{p.parent.name}-{p.stem}" for p in paths]
     names = [f"{n}-{i}" if names.count(n) > 1 else n for i, n in enumerate(names)]
     return [Path(out) / n for n in names]
-
-
-def pick_device(name):
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is available")
-    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else
-                        "cpu" if name == "auto" else name)
-
-
-def pick_amp(name, device):
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
-    return AMP_DTYPES[name]
 
 
 def load_eval_data(ck, path, args):

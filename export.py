@@ -24,7 +24,6 @@ import copy
 import ctypes
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -35,7 +34,8 @@ import torch.nn as nn
 import onnxruntime as ort  # after torch: onnxruntime-gpu then finds the CUDA/cuDNN libraries torch loaded
 
 from data import load_data, make_loader
-from models import load_checkpoint, model_from_checkpoint
+from checkpoint import load_checkpoint, model_from_checkpoint
+from runtime import device_name, pick_device, time_calls
 
 AOTI_META_FORMAT = "deeper-networks-aoti/1"
 EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's 2 GB cap, with room for the graph itself
@@ -248,31 +248,6 @@ def check(runners, model, ck, args, device):
 
 
 # --------------------------------------------------------------------------- benchmark
-def time_calls(fn, x, repeats, sync):
-    """Seconds per call, one untimed call first; sync() before every clock read so GPU work counts."""
-    fn(x)
-    times = []
-    for _ in range(repeats):
-        sync()
-        t = time.perf_counter()
-        fn(x)
-        sync()
-        times.append(time.perf_counter() - t)
-    return times
-
-
-def device_name(device):
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip() + f" ({os.cpu_count()} logical CPUs)"
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def build_and_run_once(make, x, sync):
     """(runner, seconds to build it and run it once): compile, session creation, engine build."""
     t = time.perf_counter()
@@ -317,7 +292,7 @@ def benchmark(model, info, onnx_path, aoti_path, args, device, provider, threads
             for r in range(rounds):  # the repeats, split over the rounds
                 n = args.repeats // rounds + (r < args.repeats % rounds)
                 for name, fn in runners.items():
-                    times[name] += time_calls(fn, x, n, sync)
+                    times[name] += time_calls(lambda: fn(x), device=device, warmup=1, repeats=n)
         for name, t in times.items():
             med = float(np.median(t))
             rows.append({"runtime": name, "batch": batch, "median_ms": med * 1e3,
@@ -387,10 +362,7 @@ def main(args):
         args.batch_sizes = [1]
     if args.opset < 18:
         raise ValueError(f"--opset {args.opset}: the torch.export-based exporter writes opset 18 or later")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is available")
-    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-                          else "cpu")
+    device = pick_device(args.device)
     ck = load_checkpoint(args.checkpoint)
     if args.ema and not ck.get("ema"):
         raise ValueError(f"--ema: {args.checkpoint} has no EMA weights")

@@ -1,4 +1,4 @@
-"""Every architecture, the MODELS registry, build_model() and the checkpoint helpers.
+"""Every architecture, the MODELS registry and build_model().
 
     python models.py                                   # params + MACs of every model at 3x32x32
     python models.py resnet50 vgg16 --image-size 224 --num-classes 1000
@@ -21,9 +21,6 @@ not given, an option the family does not take is a ValueError. model_options(nam
     plain, zero_init_residual                                                           resnets
 """
 import argparse
-import os
-import pickle
-import re
 import sys
 from functools import partial
 
@@ -466,55 +463,6 @@ def count_macs(model, input_shape):
     finally:
         model.train(was_training)
     return counter.get_total_flops() // 2
-
-
-# --------------------------------------------------------------------------- checkpoints
-REQUIRED_KEYS = ("format", "model_name", "model_options", "num_classes", "in_channels", "image_size", "model")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, unreadable, unsafe or not ours (one-line message)."""
-
-
-def _reason(e):
-    """One short line out of torch.load's multi-paragraph errors."""
-    if isinstance(e, EOFError):
-        return "empty or truncated file"
-    found = re.search(r"WeightsUnpickler error:\s*(\S.*)", str(e))  # a non-zip, non-pickle file
-    if found:
-        return f"not a torch.save file ({found.group(1).strip()})"
-    return str(e).strip().split("\n")[0].split(". ")[0][:200] or type(e).__name__
-
-
-def load_checkpoint(path, map_location="cpu"):
-    """torch.load(weights_only=True) of a deeper-networks checkpoint; CheckpointError otherwise."""
-    if not os.path.exists(path):
-        raise CheckpointError(f"checkpoint not found: {path}")
-    try:
-        ck = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        if "Unsupported global" in str(e):
-            raise CheckpointError(f"refusing to load {path}: it contains pickled code/objects that are "
-                                  "not plain weights (loaded with weights_only=True)") from None
-        raise CheckpointError(f"cannot read checkpoint {path}: {_reason(e)}") from None
-    except Exception as e:  # RuntimeError (bad zip), EOFError (empty), OSError (a directory), ...
-        raise CheckpointError(f"cannot read checkpoint {path}: {_reason(e)}") from None
-    missing = [k for k in REQUIRED_KEYS if not isinstance(ck, dict) or k not in ck]
-    if missing:
-        raise CheckpointError(f"{path} is not a deeper-networks checkpoint (missing: {', '.join(missing)})")
-    return ck
-
-
-def model_from_checkpoint(ck, ema=False):
-    """The checkpoint's model (its EMA weights if ema and present), in eval mode, on the CPU."""
-    model = build_model(ck["model_name"], ck["num_classes"], ck["in_channels"], ck["image_size"],
-                        **ck["model_options"])
-    try:
-        model.load_state_dict(ck["ema"] if ema and ck.get("ema") else ck["model"])
-    except RuntimeError as e:
-        raise CheckpointError(f"checkpoint weights do not fit {ck['model_name']}: "
-                              f"{str(e).splitlines()[0]}") from None
-    return model.eval()
 
 
 # --------------------------------------------------------------------------- table

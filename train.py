@@ -25,13 +25,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 
+import checkpoint
 import data
 import models
 from evaluate import evaluate
+from runtime import pick_amp, pick_device
 
-CHECKPOINT_FORMAT = "deeper-networks/1"
 AUX_WEIGHT = 0.3  # GoogLeNet paper: auxiliary losses weighted 0.3
 METRIC_COLUMNS = ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "test_loss",
                   "test_top1", "test_top5", "epoch_seconds", "images_per_second",
@@ -174,20 +174,6 @@ def check_args(a):
 
 def model_options(a):
     return {k: getattr(a, k) for k in MODEL_OPTIONS if getattr(a, k, None) is not None}
-
-
-def pick_device(name):
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is available")
-    return torch.device(name)
-
-
-def amp_dtype_for(amp, device):
-    if amp == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
-    return {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
 
 
 def setup_distributed():
@@ -390,12 +376,6 @@ def unwrap(model):
 
 # ----------------------------------------------------------------------------- files
 
-def atomic_save(obj, path):
-    tmp = Path(str(path) + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def write_metrics(history, path):
     tmp = Path(str(path) + ".tmp")
     with open(tmp, "w", newline="") as f:
@@ -443,7 +423,7 @@ def plain(v):
 def main(args):
     resume_ck = None
     if args.resume:
-        resume_ck = models.load_checkpoint(args.resume)
+        resume_ck = checkpoint.load_checkpoint(args.resume)
         saved = dict(resume_ck.get("args") or {})
         for k in RUNTIME_ARGS:
             if getattr(args, k, None) is not None:
@@ -460,7 +440,7 @@ def main(args):
     device = pick_device(a.device)
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", local_rank)
-    amp_dtype = amp_dtype_for(a.amp, device)
+    amp_dtype = pick_amp(a.amp, device)
     if a.batch_size % world:
         raise ValueError(f"--batch-size {a.batch_size} must be divisible by the {world} processes")
     torch.manual_seed(a.seed)
@@ -578,23 +558,21 @@ def main(args):
         history.append(row)
         if not is_main:
             continue
-        ck = {
-            "format": CHECKPOINT_FORMAT, "model_name": a.model, "model_options": opts,
-            "num_classes": d.num_classes, "in_channels": d.in_channels, "image_size": d.image_size,
-            "classes": list(d.classes), "mean": list(d.mean), "std": list(d.std),
-            "args": {k: plain(v) for k, v in vars(a).items()}, "epoch": epoch + 1,
-            "model": model.state_dict(), "ema": ema.module.state_dict() if ema else None,
-            "optimizer": optimizer.state_dict(), "scheduler": schedule.state_dict(),
-            "scaler": scaler.state_dict(),
-            "rng": {"torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else []},
-            "history": history,
-        }
-        atomic_save(ck, out / "last.pt")
+        ck = checkpoint.make_checkpoint(
+            model_name=a.model, model_options=opts, num_classes=d.num_classes,
+            in_channels=d.in_channels, image_size=d.image_size, classes=d.classes, mean=d.mean,
+            std=d.std, args={k: plain(v) for k, v in vars(a).items()}, epoch=epoch + 1,
+            model=model.state_dict(), ema=ema.module.state_dict() if ema else None,
+            optimizer=optimizer.state_dict(), scheduler=schedule.state_dict(),
+            scaler=scaler.state_dict(),
+            rng={"torch": torch.get_rng_state(),
+                 "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else []},
+            history=history)
+        checkpoint.save(ck, out / "last.pt")
         improved = val is not None and val["top1"] > best_val
         if improved or val is None:
             best_val = val["top1"] if val else best_val
-            atomic_save(ck, out / "best.pt")
+            checkpoint.save(ck, out / "best.pt")
         write_metrics(history, out / "metrics.csv")
         if writer is not None:
             for k, v in row.items():

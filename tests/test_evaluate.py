@@ -12,7 +12,9 @@ from conftest import REPO, run_script
 
 import evaluate as ev
 from data import load_data, make_loader
-from models import build_model, load_checkpoint, model_from_checkpoint
+import checkpoint
+from checkpoint import load_checkpoint, model_from_checkpoint
+from models import build_model
 
 SIZE, LIMIT_TEST = 8, 200  # tiny images keep the CPU training and evaluation fast
 
@@ -87,18 +89,18 @@ def test_output_dirs(tmp_path):
 # ----------------------------------------------------------------------------- fixtures
 
 def make_checkpoint(model, data, path, *, ema=None, num_classes=10, val_split=0.0, history=None):
-    ck = {"format": "deeper-networks/1", "model_name": "resnet20", "model_options": {},
-          "num_classes": num_classes, "in_channels": 3, "image_size": SIZE,
-          "classes": list(data.classes), "mean": list(data.mean), "std": list(data.std),
-          "args": {"dataset": "synthetic", "data_dir": str(path.parent / "no-data-needed"),
-                   "val_split": val_split, "seed": 0, "limit_test": LIMIT_TEST, "limit_train": None,
-                   "epochs": 1, "batch_size": 32},
-          "epoch": 1, "model": model.state_dict(), "ema": ema, "optimizer": {}, "scheduler": {},
-          "scaler": {}, "rng": {"torch": torch.get_rng_state()},
-          "history": history or [{"epoch": 1, "lr": 0.1, "train_loss": 1.0, "epoch_seconds": 30.0,
-                                  "test_top1": None}]}
+    ck = checkpoint.make_checkpoint(
+        model_name="resnet20", model_options={}, num_classes=num_classes, in_channels=3, image_size=SIZE,
+        classes=data.classes, mean=data.mean, std=data.std,
+        args={"dataset": "synthetic", "data_dir": str(path.parent / "no-data-needed"),
+              "val_split": val_split, "seed": 0, "limit_test": LIMIT_TEST, "limit_train": None,
+              "epochs": 1, "batch_size": 32},
+        epoch=1, model=model.state_dict(), ema=ema, optimizer={}, scheduler={}, scaler={},
+        rng={"torch": torch.get_rng_state()},
+        history=history or [{"epoch": 1, "lr": 0.1, "train_loss": 1.0, "epoch_seconds": 30.0,
+                             "test_top1": None}])
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(ck, path)
+    checkpoint.save(ck, path)
     return path
 
 

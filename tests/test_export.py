@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import checkpoint
 import export
 from models import build_model
 
@@ -42,14 +43,13 @@ def make_checkpoint(path, name="resnet20", in_channels=3, image_size=32, num_cla
             if isinstance(m, torch.nn.BatchNorm2d):
                 m.running_mean.uniform_(-0.5, 0.5)
                 m.running_var.uniform_(0.5, 2.0)
-    ck = {"format": "deeper-networks/1", "model_name": name, "model_options": options,
-          "num_classes": num_classes, "in_channels": in_channels, "image_size": image_size,
-          "classes": [f"class {i}" for i in range(num_classes)],
-          "mean": [0.5] * in_channels, "std": [0.25] * in_channels,
-          "args": {"dataset": dataset, "data_dir": str(data_dir), "seed": 0, "val_split": 0.0},
-          "epoch": 1, "model": model.state_dict(), "ema": None, "optimizer": None, "scheduler": None,
-          "scaler": None, "rng": None, "history": []}
-    torch.save(ck, path)
+    ck = checkpoint.make_checkpoint(
+        model_name=name, model_options=options, num_classes=num_classes, in_channels=in_channels,
+        image_size=image_size, classes=[f"class {i}" for i in range(num_classes)],
+        mean=[0.5] * in_channels, std=[0.25] * in_channels,
+        args={"dataset": dataset, "data_dir": str(data_dir), "seed": 0, "val_split": 0.0},
+        epoch=1, model=model.state_dict())
+    checkpoint.save(ck, path)
     return ck, model.eval()
 
 

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 import torchvision
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import checkpoint  # noqa: E402
 import models  # noqa: E402
 
 NAMES = list(models.MODELS)
@@ -303,13 +304,13 @@ class Payload:
 
 
 def make_checkpoint(model, name, options, **extra):
-    return {"format": "deeper-networks/1", "model_name": name, "model_options": options, "num_classes": 10,
-            "in_channels": 3, "image_size": 32, "model": model.state_dict(), "ema": None, **extra}
+    return checkpoint.make_checkpoint(model_name=name, model_options=options, num_classes=10, in_channels=3,
+                                      image_size=32, model=model.state_dict(), **extra)
 
 
 def test_load_checkpoint_missing_file(tmp_path):
-    with pytest.raises(models.CheckpointError, match="checkpoint not found"):
-        models.load_checkpoint(tmp_path / "nope.pt")
+    with pytest.raises(checkpoint.CheckpointError, match="checkpoint not found"):
+        checkpoint.load_checkpoint(tmp_path / "nope.pt")
 
 
 @pytest.mark.parametrize("content", [os.urandom(4096), b"", b"PK\x03\x04" + os.urandom(100)],
@@ -317,35 +318,35 @@ def test_load_checkpoint_missing_file(tmp_path):
 def test_load_checkpoint_corrupt(tmp_path, content):
     path = tmp_path / "bad.pt"
     path.write_bytes(content)
-    with pytest.raises(models.CheckpointError, match="cannot read checkpoint") as info:
-        models.load_checkpoint(path)
+    with pytest.raises(checkpoint.CheckpointError, match="cannot read checkpoint") as info:
+        checkpoint.load_checkpoint(path)
     assert "\n" not in str(info.value)
 
 
 def test_load_checkpoint_directory(tmp_path):
-    with pytest.raises(models.CheckpointError, match="cannot read checkpoint"):
-        models.load_checkpoint(tmp_path)
+    with pytest.raises(checkpoint.CheckpointError, match="cannot read checkpoint"):
+        checkpoint.load_checkpoint(tmp_path)
 
 
 def test_load_checkpoint_refuses_pickled_code(tmp_path):
     marker = tmp_path / "marker"
     path = tmp_path / "evil.pt"
-    torch.save({"format": "deeper-networks/1", "model": {}, "x": Payload(str(marker))}, path)
-    with pytest.raises(models.CheckpointError, match="refusing to load") as info:
-        models.load_checkpoint(path)
+    torch.save({"format": checkpoint.FORMAT, "model": {}, "x": Payload(str(marker))}, path)
+    with pytest.raises(checkpoint.CheckpointError, match="refusing to load") as info:
+        checkpoint.load_checkpoint(path)
     assert not marker.exists()
     assert isinstance(info.value, ValueError) and "\n" not in str(info.value)
 
 
 def test_load_checkpoint_missing_keys(tmp_path):
     path = tmp_path / "partial.pt"
-    torch.save({"format": "deeper-networks/1", "model": {}}, path)
+    torch.save({"format": checkpoint.FORMAT, "model": {}}, path)
     missing = r"not a deeper-networks checkpoint \(missing: model_name,"
-    with pytest.raises(models.CheckpointError, match=missing):
-        models.load_checkpoint(path)
+    with pytest.raises(checkpoint.CheckpointError, match=missing):
+        checkpoint.load_checkpoint(path)
     torch.save([1, 2, 3], path)
-    with pytest.raises(models.CheckpointError, match="not a deeper-networks checkpoint"):
-        models.load_checkpoint(path)
+    with pytest.raises(checkpoint.CheckpointError, match="not a deeper-networks checkpoint"):
+        checkpoint.load_checkpoint(path)
 
 
 def test_model_from_checkpoint_round_trip(tmp_path):
@@ -355,20 +356,20 @@ def test_model_from_checkpoint_round_trip(tmp_path):
     ema = models.build_model("resnet20", 10, plain=True)
     path = tmp_path / "ck.pt"
     torch.save(make_checkpoint(model, "resnet20", {"plain": True}, ema=ema.state_dict()), path)
-    ck = models.load_checkpoint(path)
+    ck = checkpoint.load_checkpoint(path)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        loaded = models.model_from_checkpoint(ck)
+        loaded = checkpoint.model_from_checkpoint(ck)
         assert not loaded.training and torch.equal(loaded(x), model.eval()(x))
-        assert torch.equal(models.model_from_checkpoint(ck, ema=True)(x), ema.eval()(x))
+        assert torch.equal(checkpoint.model_from_checkpoint(ck, ema=True)(x), ema.eval()(x))
         ck["ema"] = None  # ema asked for but absent: the model's own weights
-        assert torch.equal(models.model_from_checkpoint(ck, ema=True)(x), model(x))
+        assert torch.equal(checkpoint.model_from_checkpoint(ck, ema=True)(x), model(x))
 
 
 def test_model_from_checkpoint_mismatched_weights():
     ck = make_checkpoint(models.build_model("resnet20", 10), "resnet32", {})
-    with pytest.raises(models.CheckpointError, match="do not fit resnet32"):
-        models.model_from_checkpoint(ck)
+    with pytest.raises(checkpoint.CheckpointError, match="do not fit resnet32"):
+        checkpoint.model_from_checkpoint(ck)
 
 
 # --------------------------------------------------------------------------- CLI table

@@ -3,7 +3,6 @@ import csv
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 
@@ -60,6 +59,7 @@ def test_demo_checkpoint_contract(demo):
         assert key in ck, key
     assert ck["epoch"] == 2  # no validation split: best.pt is the last epoch
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in ck["model"])
+    import checkpoint
     import models
     m = models.build_model(ck["model_name"], ck["num_classes"], ck["in_channels"],
                            ck["image_size"], **ck["model_options"])
@@ -71,9 +71,10 @@ def test_demo_beats_chance(demo):
     the test split by an independent pass over the data (not the run's own numbers)."""
     out, _ = demo
     import data
+    import checkpoint
     import models
     ck = load(out / "best.pt")
-    model = models.model_from_checkpoint(ck)
+    model = checkpoint.model_from_checkpoint(ck)
     d = data.load_data("synthetic", ck["args"]["data_dir"])
     x = d.test.images.float() / 255
     mean = torch.tensor(ck["mean"]).view(1, -1, 1, 1)
@@ -97,8 +98,9 @@ def test_demo_evaluate_and_export(demo, tmp_path):
     r = run_script("export.py", out / "best.pt", "--format", "onnx", "--check", "--out", onnx_path)
     assert r.returncode == 0, r.stderr
     import onnxruntime as ort
+    import checkpoint
     import models
-    model = models.model_from_checkpoint(load(out / "best.pt"))
+    model = checkpoint.model_from_checkpoint(load(out / "best.pt"))
     x = torch.randn(5, 3, 32, 32)
     sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]

@@ -1,0 +1,113 @@
+"""The checkpoint format: one dict, built, saved, loaded and checked here and nowhere else.
+
+    import checkpoint
+    ck = checkpoint.load_checkpoint("runs/demo/best.pt")     # torch.load(weights_only=True) + checks
+    model = checkpoint.model_from_checkpoint(ck)              # rebuilt from the file alone, eval mode
+
+A checkpoint is a dict that torch.load(path, weights_only=True) reads, with the keys of KEYS
+(README, "Checkpoints"). train.py builds it with make_checkpoint() and writes it with save()
+(temp file + rename: a kill or a full disk never leaves half a file in place of a good one).
+"""
+import errno
+import os
+import pickle
+import re
+from pathlib import Path
+
+import torch
+
+from models import build_model
+
+FORMAT = "deeper-networks/1"
+REQUIRED_KEYS = ("format", "model_name", "model_options", "num_classes", "in_channels", "image_size", "model")
+KEYS = REQUIRED_KEYS + ("classes", "mean", "std", "args", "epoch", "ema", "optimizer", "scheduler",
+                        "scaler", "rng", "history")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, unreadable, unsafe or not ours (one-line message)."""
+
+
+def make_checkpoint(*, model_name, model_options, num_classes, in_channels, image_size, model,
+                    classes=None, mean=None, std=None, args=None, epoch=0, ema=None, optimizer=None,
+                    scheduler=None, scaler=None, rng=None, history=None, **extra):
+    """The checkpoint dict. `model` / `ema`: state_dicts of the unwrapped module (no `module.` or
+    `_orig_mod.` prefixes). Extra keys (e.g. `init_from`) are kept as given."""
+    return {"format": FORMAT, "model_name": model_name, "model_options": dict(model_options),
+            "num_classes": num_classes, "in_channels": in_channels, "image_size": image_size,
+            "classes": list(classes) if classes is not None else None,
+            "mean": list(mean) if mean is not None else None, "std": list(std) if std is not None else None,
+            "args": dict(args or {}), "epoch": epoch, "model": model, "ema": ema, "optimizer": optimizer,
+            "scheduler": scheduler, "scaler": scaler, "rng": rng, "history": list(history or []), **extra}
+
+
+def save(ck, path):
+    """Write atomically: a temp file beside `path`, then rename. On any failure the temp file is
+    removed and the previous file at `path` stays as it was; a full disk raises OSError(ENOSPC)
+    with one line naming the folder."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        torch.save(ck, tmp)
+        os.replace(tmp, path)
+    except BaseException as e:  # incl. KeyboardInterrupt: never leave a partial .tmp behind
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        if _no_space(e):
+            raise OSError(errno.ENOSPC, f"no space left on the disk of {path.parent.resolve()} while "
+                          f"writing {path.name} (the previous {path.name}, if any, is kept)") from None
+        raise
+
+
+def _no_space(e):
+    """torch.save wraps the OSError of a full disk in a RuntimeError ('file write failed')."""
+    while e is not None:
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            return True
+        if "No space left" in str(e) or "file write failed" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _reason(e):
+    """One short line out of torch.load's multi-paragraph errors."""
+    if isinstance(e, EOFError):
+        return "empty or truncated file"
+    found = re.search(r"WeightsUnpickler error:\s*(\S.*)", str(e))  # a non-zip, non-pickle file
+    if found:
+        return f"not a torch.save file ({found.group(1).strip()})"
+    return str(e).strip().split("\n")[0].split(". ")[0][:200] or type(e).__name__
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """torch.load(weights_only=True) of a deeper-networks checkpoint; CheckpointError otherwise."""
+    if not os.path.exists(path):
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        ck = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Unsupported global" in str(e):
+            raise CheckpointError(f"refusing to load {path}: it contains pickled code/objects that are "
+                                  "not plain weights (loaded with weights_only=True)") from None
+        raise CheckpointError(f"cannot read checkpoint {path}: {_reason(e)}") from None
+    except Exception as e:  # RuntimeError (bad zip), EOFError (empty), OSError (a directory), ...
+        raise CheckpointError(f"cannot read checkpoint {path}: {_reason(e)}") from None
+    missing = [k for k in REQUIRED_KEYS if not isinstance(ck, dict) or k not in ck]
+    if missing:
+        raise CheckpointError(f"{path} is not a deeper-networks checkpoint (missing: {', '.join(missing)})")
+    return ck
+
+
+def model_from_checkpoint(ck, ema=False):
+    """The checkpoint's model (its EMA weights if ema and present), in eval mode, on the CPU."""
+    model = build_model(ck["model_name"], ck["num_classes"], ck["in_channels"], ck["image_size"],
+                        **ck["model_options"])
+    try:
+        model.load_state_dict(ck["ema"] if ema and ck.get("ema") else ck["model"])
+    except RuntimeError as e:
+        raise CheckpointError(f"checkpoint weights do not fit {ck['model_name']}: "
+                              f"{str(e).splitlines()[0]}") from None
+    return model.eval()
