@@ -1,7 +1,8 @@
 # Helpers sourced by the study scripts in this folder (not run on its own).
 #
 #   run_train NAME ARGS...  prints and runs `python train.py ARGS... $EXTRA --out $OUT/NAME`,
-#                           its output also kept in $OUT/NAME/train.log. A run whose train.log
+#                           its output also kept in $OUT/NAME/train.log; with SEEDS="0 1 2",
+#                           once per seed: `--seed S --out $OUT/NAME-seedS`. A run whose train.log
 #                           says "done:" is skipped and an interrupted one resumed from its
 #                           last.pt, so a study can simply be started again. A run that diverges
 #                           (train.py exits 1 with a "non-finite" loss) is appended to
@@ -16,6 +17,8 @@
 #
 # Knobs shared by every study (environment variables):
 #   OUT           results root (default results/<study>)
+#   SEEDS         repeat every run once per seed (e.g. "0 1 2"; run dirs get -seed<S>); unset:
+#                 one run per configuration with train.py's default seed, dirs without a suffix
 #   EPOCHS        one epoch count for every run; EPOCHS_SCALE (default 1) scales the study's own
 #   EXTRA         flags appended to every train.py call (they win over the study's, e.g.
 #                 "--limit-train 256 --limit-test 64 --device cpu" or "--compile --channels-last";
@@ -27,6 +30,7 @@
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PYTHON=${PYTHON:-python}
 EPOCHS=${EPOCHS:-}
+SEEDS=${SEEDS:-}
 EPOCHS_SCALE=${EPOCHS_SCALE:-1}
 DRY_RUN=${DRY_RUN:-0}
 read -r -a EXTRA_ARGS <<< "${EXTRA:-}"
@@ -48,6 +52,18 @@ epochs() {
 }
 
 run_train() {
+    local name=$1 seed
+    shift
+    if [[ -z $SEEDS ]]; then
+        run_one "$name" "$@"
+        return
+    fi
+    for seed in $SEEDS; do
+        run_one "$name-seed$seed" "$@" --seed "$seed"
+    done
+}
+
+run_one() {
     local name=$1 dir=$OUT/$1
     shift
     local cmd=("$PYTHON" "$REPO/train.py" "$@" "${EXTRA_ARGS[@]}" --out "$dir")

@@ -26,14 +26,17 @@
 #   them and tests on the other 2,000 (seeded, stratified):
 #       python studies/prepare_mnist_8k2k.py DIR_WITH_t10k_FILES /tmp/mnist-8k2k
 #
-# Knobs (environment, default): MODELS ("vgg16 resnet18"), LRS ("0.1 0.01 0.001"),
+# Knobs (environment, default): DATASETS ("mnist cifar10": which halves run), MODELS
+#   ("vgg16 resnet18"), LRS ("0.1 0.01 0.001"),
 #   DATASET_MNIST (folder), DATA_MNIST (/tmp/mnist-8k2k), DATASET_CIFAR (folder),
 #   DATA_CIFAR (/tmp/cifar10-jpeg), OUT (results/depth_vs_lr); and those of common.sh:
-#   EPOCHS, EPOCHS_SCALE, EXTRA, EVAL_EXTRA, PYTHON, DRY_RUN.
-# Runs: $OUT/<mnist|cifar10>-<model>-lr<lr>/, then $OUT/comparison.md.
+#   SEEDS, EPOCHS, EPOCHS_SCALE, EXTRA, EVAL_EXTRA, PYTHON, DRY_RUN.
+# Runs: $OUT/<mnist|cifar10>-<model>-lr<lr>[-seed<S>]/, then $OUT/comparison.md.
+#   SEEDS="0 1 2" DATASETS=mnist LRS=0.1 EPOCHS=3 bash studies/depth_vs_lr.sh   # the README's MNIST rows
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
 OUT=${OUT:-results/depth_vs_lr}
+DATASETS=${DATASETS:-mnist cifar10}
 MODELS=${MODELS:-vgg16 resnet18}
 LRS=${LRS:-0.1 0.01 0.001}
 DATASET_MNIST=${DATASET_MNIST:-folder}
@@ -45,14 +48,16 @@ sgd=(--optimizer sgd --momentum 0.9 --no-nesterov --scheduler none --batch-size 
 mnist=(--dataset "$DATASET_MNIST" --data-dir "$DATA_MNIST" --channels 1 --augment none --epochs "$(epochs 10)")
 cifar=(--dataset "$DATASET_CIFAR" --data-dir "$DATA_CIFAR" --augment strong --epochs "$(epochs 20)")
 
-for model in $MODELS; do
-    for lr in $LRS; do
-        run_train "mnist-$model-lr$lr" --model "$model" "${mnist[@]}" --lr "$lr" "${sgd[@]}"
-    done
-done
-for model in $MODELS; do
-    for lr in $LRS; do
-        run_train "cifar10-$model-lr$lr" --model "$model" "${cifar[@]}" --lr "$lr" "${sgd[@]}"
+for part in $DATASETS; do
+    case $part in
+        mnist) flags=("${mnist[@]}") ;;
+        cifar10) flags=("${cifar[@]}") ;;
+        *) echo "error: DATASETS: unknown part '$part' (mnist, cifar10)" >&2; exit 2 ;;
+    esac
+    for model in $MODELS; do
+        for lr in $LRS; do
+            run_train "$part-$model-lr$lr" --model "$model" "${flags[@]}" --lr "$lr" "${sgd[@]}"
+        done
     done
 done
 compare
