@@ -6,12 +6,14 @@
 
 A checkpoint is a dict that torch.load(path, weights_only=True) reads, with the keys of KEYS
 (README, "Checkpoints"). train.py builds it with make_checkpoint() and writes it with save()
-(temp file + rename: a kill or a full disk never leaves half a file in place of a good one).
+(temp file + rename: a kill or a full disk never leaves half a file in place of a good one);
+link() puts a second name on a saved file (best.pt beside last.pt) without writing it again.
 """
 import errno
 import os
 import pickle
 import re
+import shutil
 from pathlib import Path
 
 import torch
@@ -47,8 +49,40 @@ def save(ck, path):
     with one line naming the folder."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
+    # Through a Python file: a full disk then surfaces as OSError(ENOSPC) from its write(). Given
+    # a path, torch writes through its own stream and reports only "unexpected pos N vs M".
+    _atomic(lambda: _save_to(ck, tmp), tmp, path)
+
+
+def link(src, dst):
+    """Give the saved file `src` the name `dst` too, atomically (a hard link, or a copy where the
+    file system has none): the previous `dst` stays until the new one is complete. Files written
+    by save() are replaced, never modified in place, so the two names never change each other."""
+    src, dst = Path(src), Path(dst)
+    tmp = dst.with_name(dst.name + ".tmp")
+
+    def make():
+        try:
+            os.remove(tmp)  # a stale temp file from a killed run: os.link will not overwrite it
+        except FileNotFoundError:
+            pass
+        try:
+            os.link(src, tmp)
+        except OSError as e:
+            if _no_space(e):
+                raise
+            shutil.copyfile(src, tmp)  # no hard links here (FAT, some network file systems)
+    _atomic(make, tmp, dst)
+
+
+def _save_to(ck, tmp):
+    with open(tmp, "wb") as f:
+        torch.save(ck, f)
+
+
+def _atomic(write, tmp, path):
     try:
-        torch.save(ck, tmp)
+        write()
         os.replace(tmp, path)
     except BaseException as e:  # incl. KeyboardInterrupt: never leave a partial .tmp behind
         try:
@@ -62,14 +96,23 @@ def save(ck, path):
 
 
 def _no_space(e):
-    """torch.save wraps the OSError of a full disk in a RuntimeError ('file write failed')."""
+    """A full disk (or quota), however torch wrapped it: OSError(ENOSPC) from a Python file, or a
+    RuntimeError ('file write failed') from torch's own writer."""
+    full = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
     while e is not None:
-        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        if isinstance(e, OSError) and e.errno in full:
             return True
         if "No space left" in str(e) or "file write failed" in str(e):
             return True
         e = e.__cause__ or e.__context__
     return False
+
+
+# What torch's weights_only unpickler says when a file asks for code or objects: "Unsupported
+# global: GLOBAL x.y was not an allowed global" (torch <= 2.x), "Trying to load unsupported GLOBAL
+# posix.system whose module posix is blocked" (torch 2.14, blocklisted modules), or a refused call.
+_BLOCKED = re.compile(r"unsupported global|whose module \S+ is blocked|call reduce for unrecognized "
+                      r"function|can only (?:create new object|build)", re.IGNORECASE)
 
 
 def _reason(e):
@@ -89,7 +132,7 @@ def load_checkpoint(path, map_location="cpu"):
     try:
         ck = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        if "Unsupported global" in str(e):
+        if _BLOCKED.search(str(e)):
             raise CheckpointError(f"refusing to load {path}: it contains pickled code/objects that are "
                                   "not plain weights (loaded with weights_only=True)") from None
         raise CheckpointError(f"cannot read checkpoint {path}: {_reason(e)}") from None
@@ -98,6 +141,9 @@ def load_checkpoint(path, map_location="cpu"):
     missing = [k for k in REQUIRED_KEYS if not isinstance(ck, dict) or k not in ck]
     if missing:
         raise CheckpointError(f"{path} is not a deeper-networks checkpoint (missing: {', '.join(missing)})")
+    if ck["format"] != FORMAT:
+        raise CheckpointError(f"{path} is not a deeper-networks checkpoint: its format is "
+                              f"{str(ck['format'])[:80]!r}, this program reads {FORMAT!r}")
     return ck
 
 
@@ -105,9 +151,16 @@ def model_from_checkpoint(ck, ema=False):
     """The checkpoint's model (its EMA weights if ema and present), in eval mode, on the CPU."""
     model = build_model(ck["model_name"], ck["num_classes"], ck["in_channels"], ck["image_size"],
                         **ck["model_options"])
-    try:
-        model.load_state_dict(ck["ema"] if ema and ck.get("ema") else ck["model"])
-    except RuntimeError as e:
-        raise CheckpointError(f"checkpoint weights do not fit {ck['model_name']}: "
-                              f"{str(e).splitlines()[0]}") from None
+    load_weights(model, ck["ema"] if ema and ck.get("ema") else ck["model"], ck["model_name"])
     return model.eval()
+
+
+def load_weights(model, state, model_name, what="checkpoint weights"):
+    """model.load_state_dict(state), or a CheckpointError naming the first mismatch (torch's
+    message opens with 'Error(s) in loading state_dict for X:' and lists them on the next lines)."""
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        detail = lines[1] if len(lines) > 1 else (lines[0] if lines else type(e).__name__)
+        raise CheckpointError(f"{what} do not fit {model_name}: {detail[:300]}") from None
