@@ -13,12 +13,13 @@ The run dir gets config.json, metrics.csv (one row per epoch), last.pt (every ep
 import argparse
 import copy
 import csv
+import errno
 import json
 import math
 import os
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -55,12 +56,56 @@ DEFAULT_LR = {"sgd": 0.1, "adamw": 1e-3}
 DEFAULT_WD = {"sgd": 5e-4, "adamw": 0.05}
 
 
+# Flags with a fixed default. The parser's own default for every flag is None, so that "given on
+# the command line" is "not None" (a resume names the flags it does not apply); resolve_args()
+# fills these in, and --help shows them.
+FLAG_DEFAULTS = dict(val_split=0.0, cutout=0, gamma=0.1, step_size=30, patience=5, warmup_epochs=0.0,
+                     label_smoothing=0.0, mixup=0.0, cutmix=0.0, ema=0.0, clip_grad=0.0, amp="auto",
+                     compile=False, compile_mode="default", channels_last=False, device="auto",
+                     workers=4, seed=0, deterministic=False, tensorboard=False)
+
+
 class Diverged(RuntimeError):
-    """A non-finite loss: the run stops, the last good checkpoint stays."""
+    """A non-finite loss or model: the run stops, the last good checkpoint stays."""
+
+
+class Interrupted(Exception):
+    """Ctrl-C during a run (exit 130); the message says how to resume."""
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Defaults in --help, and the recipe table kept as written."""
+    """Defaults in --help (from FLAG_DEFAULTS; none shown for recipe-dependent flags), and the
+    recipe table kept as written."""
+
+    def _get_help_string(self, action):
+        if action.default is None:
+            if action.dest in FLAG_DEFAULTS and action.help is not argparse.SUPPRESS:
+                return f"{action.help or ''} (default: {FLAG_DEFAULTS[action.dest]})".strip()
+            return action.help
+        return super()._get_help_string(action)
+
+
+def number(kind, lo, hi=None, *, lo_open=False, hi_open=False, what=""):
+    """An argparse type: a finite int/float in the given range, else exit 2 with a usage line
+    naming the flag and the range ("argument --ema: must be in [0, 1), got 2")."""
+    if hi is None:
+        allowed = f"{'>' if lo_open else '>='} {lo}"
+    else:
+        allowed = f"in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+    allowed += f" ({what})" if what else ""
+
+    def parse(text):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected {'an integer' if kind is int else 'a number'} {allowed}, got {text!r}") from None
+        if (not math.isfinite(v) or v < lo or (lo_open and v == lo)
+                or (hi is not None and (v > hi or (hi_open and v == hi)))):
+            raise argparse.ArgumentTypeError(f"must be {allowed}, got {text}")
+        return v
+    parse.__name__ = kind.__name__
+    return parse
 
 
 def get_args_parser():
@@ -71,67 +116,68 @@ def get_args_parser():
         epilog=f"Unset hyperparameters: {', '.join(f'{k}={v}' for k, v in DEFAULTS.items())}, "
                f"lr sgd={DEFAULT_LR['sgd']} adamw={DEFAULT_LR['adamw']}, weight decay adamw="
                f"{DEFAULT_WD['adamw']}; per dataset:\n{recipes}")
+    count, positive = number(int, 1), number(float, 0, lo_open=True)
+    fraction = number(float, 0, 1, hi_open=True)  # [0, 1)
     g = p.add_argument_group("model and data")
     g.add_argument("--model", choices=sorted(models.MODELS), help="architecture")
     g.add_argument("--dataset", choices=sorted(data.DATASETS), help="dataset")
-    g.add_argument("--data-dir", default=None, help="dataset root, torchvision layout (default ./data)")
-    g.add_argument("--image-size", type=int, default=None, help="resize to N px (default: native)")
-    g.add_argument("--channels", type=int, choices=(1, 3), default=None,
-                   help="convert images to C channels (default: native)")
-    g.add_argument("--val-split", type=float, default=0.0,
+    g.add_argument("--data-dir", help="dataset root, torchvision layout (default: ./data)")
+    g.add_argument("--image-size", type=count, help="resize to N px (default: native)")
+    g.add_argument("--channels", type=int, choices=(1, 3), help="convert images to C channels (default: native)")
+    g.add_argument("--val-split", type=fraction,
                    help="fraction of train held out (stratified) for model selection")
-    g.add_argument("--limit-train", type=int, default=None, help="stratified train subset")
-    g.add_argument("--limit-test", type=int, default=None, help="stratified test subset")
-    g.add_argument("--augment", choices=data.AUGMENTS, default=None,
-                   help="augmentation preset (default: per-dataset recipe)")
-    g.add_argument("--cutout", type=int, default=0, help="cutout square side in px (0: off)")
+    g.add_argument("--limit-train", type=count, help="stratified train subset")
+    g.add_argument("--limit-test", type=count, help="stratified test subset")
+    g.add_argument("--augment", choices=data.AUGMENTS, help="augmentation preset (default: per-dataset recipe)")
+    g.add_argument("--cutout", type=number(int, 0), help="cutout square side in px (0: off)")
     g = p.add_argument_group("model options")
     g.add_argument("--plain", action="store_true", default=None, help="ResNets without shortcuts")
     g.add_argument("--residual", nargs="?", const="identity", choices=("identity", "projection"),
-                   default=None, help="GoogLeNet shortcuts (no value: identity)")
+                   help="GoogLeNet shortcuts (no value: identity)")
     g.add_argument("--aux-logits", action="store_true", default=None,
                    help="GoogLeNet auxiliary heads (loss weight 0.3)")
-    g.add_argument("--inception-kernel", type=int, choices=(3, 5), default=None,
+    g.add_argument("--inception-kernel", type=int, choices=(3, 5),
                    help="GoogLeNet big-branch kernel (5: paper, 3: torchvision)")
-    g.add_argument("--stem", choices=("auto", "cifar", "imagenet"), default=None)
-    g.add_argument("--head", choices=("auto", "compact", "paper"), default=None, help="VGG head")
-    g.add_argument("--dropout", type=float, default=None)
+    g.add_argument("--stem", choices=("auto", "cifar", "imagenet"))
+    g.add_argument("--head", choices=("auto", "compact", "paper"), help="VGG head")
+    g.add_argument("--dropout", type=fraction)
     g.add_argument("--zero-init-residual", action="store_true", default=None)
     g = p.add_argument_group("optimization (unset: per-dataset recipe)")
-    g.add_argument("--epochs", type=int, default=None)
-    g.add_argument("--batch-size", type=int, default=None, help="global batch size")
-    g.add_argument("--lr", type=float, default=None, help="peak learning rate (sgd 0.1, adamw 1e-3)")
-    g.add_argument("--optimizer", choices=("sgd", "adamw"), default=None)
-    g.add_argument("--momentum", type=float, default=None)
-    g.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=None)
-    g.add_argument("--weight-decay", type=float, default=None, help="sgd 5e-4, adamw 0.05")
-    g.add_argument("--scheduler", choices=SCHEDULERS, default=None)
-    g.add_argument("--milestones", type=int, nargs="+", default=None,
+    g.add_argument("--epochs", type=count)
+    g.add_argument("--batch-size", type=count, help="global batch size")
+    g.add_argument("--lr", type=positive, help="peak learning rate (sgd 0.1, adamw 1e-3)")
+    g.add_argument("--optimizer", choices=("sgd", "adamw"))
+    g.add_argument("--momentum", type=fraction)
+    g.add_argument("--nesterov", action=argparse.BooleanOptionalAction)
+    g.add_argument("--weight-decay", type=number(float, 0), help="sgd 5e-4, adamw 0.05")
+    g.add_argument("--scheduler", choices=SCHEDULERS)
+    g.add_argument("--milestones", type=count, nargs="+",
                    help="multistep epochs (default: 50%% and 75%% of --epochs)")
-    g.add_argument("--gamma", type=float, default=0.1, help="step/multistep/exponential/plateau factor")
-    g.add_argument("--step-size", type=int, default=30, help="step: epochs between decays")
-    g.add_argument("--patience", type=int, default=5, help="plateau: epochs without improvement")
-    g.add_argument("--warmup-epochs", type=float, default=0.0, help="linear warm-up length")
-    g.add_argument("--label-smoothing", type=float, default=0.0)
-    g.add_argument("--mixup", type=float, default=0.0, help="mixup Beta alpha (0: off)")
-    g.add_argument("--cutmix", type=float, default=0.0, help="cutmix Beta alpha (0: off)")
-    g.add_argument("--ema", type=float, default=0.0, help="EMA decay of weights, e.g. 0.999 (0: off)")
-    g.add_argument("--clip-grad", type=float, default=0.0, help="max grad norm (0: off)")
+    g.add_argument("--gamma", type=number(float, 0, 1, lo_open=True,
+                                          what="the multiplier of the lr at each decay; 1 keeps it"),
+                   help="step/multistep/exponential/plateau factor")
+    g.add_argument("--step-size", type=count, help="step: epochs between decays")
+    g.add_argument("--patience", type=number(int, 0), help="plateau: epochs without improvement")
+    g.add_argument("--warmup-epochs", type=number(float, 0), help="linear warm-up length")
+    g.add_argument("--label-smoothing", type=fraction)
+    g.add_argument("--mixup", type=number(float, 0), help="mixup Beta alpha (0: off)")
+    g.add_argument("--cutmix", type=number(float, 0), help="cutmix Beta alpha (0: off)")
+    g.add_argument("--ema", type=fraction, help="EMA decay of weights, e.g. 0.999 (0: off)")
+    g.add_argument("--clip-grad", type=number(float, 0), help="max grad norm (0: off)")
     g = p.add_argument_group("speed and runtime")
-    g.add_argument("--amp", choices=("auto", "off", "bf16", "fp16"), default="auto",
-                   help="auto: bf16 on CUDA, off on CPU")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model")
-    g.add_argument("--compile-mode", default="default",
+    g.add_argument("--amp", choices=("auto", "off", "bf16", "fp16"), help="auto: bf16 on CUDA, off on CPU")
+    g.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    g.add_argument("--compile-mode",
                    choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"))
-    g.add_argument("--channels-last", action="store_true")
-    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    g.add_argument("--workers", type=int, default=4, help="dataloader path only")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--deterministic", action="store_true", help="bit-repeatable (slower) kernels")
+    g.add_argument("--channels-last", action="store_true", default=None)
+    g.add_argument("--device", choices=("auto", "cpu", "cuda"))
+    g.add_argument("--workers", type=number(int, 0), help="dataloader path only")
+    g.add_argument("--seed", type=number(int, 0, 2**32 - 1))
+    g.add_argument("--deterministic", action="store_true", default=None, help="bit-repeatable (slower) kernels")
     g = p.add_argument_group("output")
-    g.add_argument("--out", default=None, help="run dir (default runs/<dataset>-<model>-<time>)")
-    g.add_argument("--resume", default=None, metavar="CKPT", help="continue from a checkpoint")
-    g.add_argument("--tensorboard", action="store_true", help="also write TensorBoard events")
+    g.add_argument("--out", help="run dir (default: runs/<dataset>-<model>-<time>)")
+    g.add_argument("--resume", metavar="CKPT", help="continue from a checkpoint")
+    g.add_argument("--tensorboard", action="store_true", default=None, help="also write TensorBoard events")
     return p
 
 
@@ -139,15 +185,19 @@ def get_args_parser():
 
 MODEL_OPTIONS = ("plain", "residual", "aux_logits", "inception_kernel", "stem", "head",
                  "dropout", "zero_init_residual")
-# On --resume these come from the command line; everything else from the checkpoint's args.
+# What a resume may change. Given on the command line they apply; unset, epochs and data_dir come
+# from the checkpoint, out is the checkpoint's folder, the rest take their defaults. Every other
+# setting comes from the checkpoint's args (a resume continues the same run).
 RUNTIME_ARGS = ("epochs", "out", "device", "workers", "compile", "compile_mode", "resume",
                 "tensorboard", "data_dir")
+# Without these a checkpoint holds weights only: it cannot continue a run.
+RESUME_KEYS = ("args", "epoch", "optimizer", "scheduler", "scaler", "rng", "history")
 
 
 def resolve_args(args):
-    """Fill unset hyperparameters from the dataset recipe; returns a new Namespace."""
+    """Fill unset flags from FLAG_DEFAULTS and the dataset recipe; returns a new Namespace."""
     a = argparse.Namespace(**vars(args))
-    recipe = {**DEFAULTS, **RECIPES.get(a.dataset, {})}
+    recipe = {**FLAG_DEFAULTS, **DEFAULTS, **RECIPES.get(a.dataset, {})}
     for k, v in recipe.items():
         if getattr(a, k, None) is None:
             setattr(a, k, v)
@@ -161,6 +211,7 @@ def resolve_args(args):
 
 
 def check_args(a):
+    """What argparse's ranges cannot say alone (and the ranges again, for callers of main())."""
     if a.epochs < 1 or a.batch_size < 1:
         raise ValueError("--epochs and --batch-size must be positive")
     if not 0.0 <= a.val_split < 1.0:
@@ -168,8 +219,33 @@ def check_args(a):
     if a.scheduler == "plateau" and a.val_split <= 0:
         raise ValueError("--scheduler plateau watches validation loss: give --val-split > 0 "
                          "(it never looks at the test set)")
-    if a.lr <= 0:
-        raise ValueError("--lr must be positive")
+    if not a.lr > 0 or not math.isfinite(a.lr):
+        raise ValueError("--lr must be a finite number > 0")
+
+
+def resume_args(args, ck):
+    """The settings of a resumed run: the checkpoint's, except the RUNTIME_ARGS given now.
+    Returns (Namespace, ignored): ignored names each flag given on the command line, other than
+    RUNTIME_ARGS, whose value differs from the checkpoint's (a resume does not apply it)."""
+    saved = dict(ck["args"])
+    merged = {**vars(args), **saved}
+    for k in RUNTIME_ARGS:
+        merged[k] = getattr(args, k, None)
+    merged["epochs"] = args.epochs or saved.get("epochs")
+    merged["data_dir"] = args.data_dir or saved.get("data_dir")
+    merged["out"] = args.out or str(Path(args.resume).parent)
+    ignored = [f"{flag_text(k, v)} (checkpoint: {'unset' if saved[k] is None else saved[k]})"
+               for k, v in vars(args).items()
+               if v is not None and k not in RUNTIME_ARGS and k in saved and plain(v) != saved[k]]
+    return argparse.Namespace(**merged), ignored
+
+
+def flag_text(dest, v):
+    """'--lr 0.5', '--plain', '--no-nesterov', '--milestones 3 6': a value as typed on the command line."""
+    flag = "--" + dest.replace("_", "-")
+    if isinstance(v, bool):
+        return flag if v else f"--no-{flag[2:]}"
+    return f"{flag} {' '.join(map(str, v)) if isinstance(v, (list, tuple)) else v}"
 
 
 def model_options(a):
@@ -317,8 +393,9 @@ def train_one_epoch(model, loader, optimizer, schedule, scaler, criterion, a, ep
                     amp_dtype, ema=None, progress=None):
     """One pass over the training loader. Returns (mean loss, accuracy, images seen).
 
-    Loss and accuracy are accumulated on the device; the host syncs only every
-    CHECK_EVERY steps to catch a non-finite loss early, and at the end.
+    Loss and accuracy are accumulated on the device; the host syncs only every CHECK_EVERY
+    steps and after the last one, to catch a non-finite loss or model early: the check after
+    the last step sees the epoch's final update, so a checkpoint never holds it unchecked.
     """
     CHECK_EVERY = 50
     model.train()
@@ -355,10 +432,15 @@ def train_one_epoch(model, loader, optimizer, schedule, scaler, criterion, a, ep
         correct += (out.detach().argmax(1) == y).sum()
         first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
         if (step + 1) % CHECK_EVERY == 0 or step + 1 == len(loader):
-            bad = int(first_bad)
-            if bad >= 0:
-                raise Diverged(f"loss became non-finite at epoch {epoch + 1}, step {bad + 1}; "
-                               f"lower the learning rate (--lr {a.lr:g}) or add --clip-grad / --warmup-epochs")
+            model_bad = (~finite(unwrap(model), ema)).to(device, torch.long)
+            bad_step, bad_model = any_rank(torch.stack([first_bad, model_bad]))
+            if bad_step >= 0:
+                raise Diverged(f"loss became non-finite at epoch {epoch + 1}, step {bad_step + 1}; "
+                               f"{DIVERGED_HINT.format(lr=a.lr)}")
+            if bad_model:
+                raise Diverged(f"the model's weights or BatchNorm statistics became non-finite at epoch "
+                               f"{epoch + 1} (by step {step + 1}; the loss was still finite); "
+                               f"{DIVERGED_HINT.format(lr=a.lr)}")
         if progress is not None:
             progress.update(1)
     if dist.is_initialized():
@@ -366,6 +448,29 @@ def train_one_epoch(model, loader, optimizer, schedule, scaler, criterion, a, ep
         dist.all_reduce(t)
         loss_sum, correct, seen = t[0], t[1], int(t[2])
     return float(loss_sum) / max(seen, 1), float(correct) / max(seen, 1), seen
+
+
+DIVERGED_HINT = "lower the learning rate (--lr {lr:g}) or add --clip-grad / --warmup-epochs"
+
+
+def finite(model, ema=None):
+    """A 0-dim bool on the device: every floating parameter and buffer (BatchNorm statistics
+    included) of the model and of its EMA is finite. One fused pass (the max-abs norm over all
+    tensors is finite exactly when every element is) and no host sync."""
+    tensors = [t.detach() for m in (model, ema.module if ema is not None else None) if m is not None
+               for t in (*m.parameters(), *m.buffers()) if t.is_floating_point()]
+    if not tensors:
+        return torch.ones((), dtype=torch.bool)
+    return torch.isfinite(nn.utils.get_total_norm(tensors, math.inf))
+
+
+def any_rank(flags):
+    """flags (a small long tensor) reduced by max over the DDP ranks, read on the host: all ranks
+    stop together (one rank raising alone would leave the others waiting forever)."""
+    flags = flags.long()
+    if dist.is_initialized():
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    return flags.tolist()
 
 
 def unwrap(model):
@@ -376,14 +481,29 @@ def unwrap(model):
 
 # ----------------------------------------------------------------------------- files
 
+@contextmanager
+def replacing(path):
+    """Yields a temp path beside `path` (same suffix, for matplotlib) to write; renamed over
+    `path` when the block succeeds, removed when anything (Ctrl-C included) interrupts it."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.stem}.tmp{path.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        raise
+
+
 def write_metrics(history, path):
-    tmp = Path(str(path) + ".tmp")
-    with open(tmp, "w", newline="") as f:
+    with replacing(path) as tmp, open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, METRIC_COLUMNS)
         w.writeheader()
         for row in history:
             w.writerow({k: ("" if row.get(k) is None else row[k]) for k in METRIC_COLUMNS})
-    os.replace(tmp, path)
 
 
 def plot_curves(history, path):
@@ -405,8 +525,11 @@ def plot_curves(history, path):
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        with replacing(path) as tmp:
+            fig.savefig(tmp, dpi=110)
+    finally:
+        plt.close(fig)
 
 
 def default_out(a):
@@ -418,19 +541,194 @@ def plain(v):
     return list(v) if isinstance(v, tuple) else v
 
 
+def one_line(text):
+    return " ".join(str(text).split())
+
+
+# ----------------------------------------------------------------------------- checks
+
+def check_image_size(model, name, opts, num_classes, in_channels, size):
+    """Refuse, in one line naming the smallest size that works, an image size the model cannot
+    take. One zero image through the model in eval mode (no state changes, no randomness): its
+    cost is a small fraction of one training step."""
+    err = _forward_error(model, in_channels, size)
+    if err is None:
+        return
+
+    def fits(s):
+        try:
+            return _forward_error(models.build_model(name, num_classes, in_channels, s, **opts),
+                                  in_channels, s) is None
+        except (ValueError, RuntimeError):
+            return False
+    lo, hi = size, max(2 * size, 16)  # the model's smallest size lies in (lo, hi]
+    while hi <= 256 and not fits(hi):
+        lo, hi = hi, 2 * hi
+    if hi > 256:
+        raise ValueError(f"{name} cannot run on {size}x{size} px images: {err}")
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if fits(mid) else (mid, hi)
+    raise ValueError(f"{name} needs images of at least {hi}x{hi} px, these are {size}x{size} "
+                     f"(--image-size {hi} or more resizes them)")
+
+
+def _forward_error(model, in_channels, size):
+    """None if one zero image of size x size goes through `model`, else the error's first line."""
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, in_channels, size, size))
+        return None
+    except RuntimeError as e:
+        return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    finally:
+        model.train(was_training)
+
+
+def check_resumable(ck, path):
+    missing = [k for k in RESUME_KEYS if ck.get(k) is None]
+    if ck.get("rng") is not None and "torch" not in ck["rng"]:
+        missing.append("rng['torch']")
+    if missing:
+        raise checkpoint.CheckpointError(
+            f"{path} is a weights-only checkpoint (no {', '.join(missing)}): use it with evaluate.py "
+            "or export.py (or to initialise a new run), not with --resume")
+
+
+def check_resume_data(ck, d, path, data_dir):
+    """The data a run resumes on must be the data it was trained on (its --data-dir may move)."""
+    for key, have in (("num_classes", d.num_classes), ("in_channels", d.in_channels),
+                      ("image_size", d.image_size)):
+        if ck[key] != have:
+            raise checkpoint.CheckpointError(
+                f"cannot resume {path} on {data_dir}: the checkpoint has {key} {ck[key]}, the data {have}")
+    if ck.get("classes") is not None and list(ck["classes"]) != list(d.classes):
+        show = lambda c: ", ".join(map(str, c[:8])) + (", ..." if len(c) > 8 else "")
+        raise checkpoint.CheckpointError(
+            f"cannot resume {path} on {data_dir}: its classes differ (checkpoint: {show(list(ck['classes']))}; "
+            f"data: {show(list(d.classes))})")
+
+
+def restore_state(ck, path, optimizer, schedule, scaler, ema, device):
+    """Load the rest of a resume checkpoint's state; a damaged part is one CheckpointError line."""
+    part = "optimizer"
+    try:
+        optimizer.load_state_dict(ck["optimizer"])
+        part = "scheduler"
+        schedule.load_state_dict(ck["scheduler"])
+        part = "scaler"
+        scaler.load_state_dict(ck["scaler"])
+        part = "ema"
+        if ema is not None and ck.get("ema") is not None:
+            ema.module.load_state_dict(ck["ema"])
+        part = "rng"
+        torch.set_rng_state(ck["rng"]["torch"])
+        if device.type == "cuda" and ck["rng"].get("cuda"):
+            torch.cuda.set_rng_state_all(ck["rng"]["cuda"])
+    except (KeyError, ValueError, RuntimeError, TypeError, AttributeError) as e:
+        raise checkpoint.CheckpointError(f"cannot resume {path}: its {part} state does not fit this "
+                                         f"run ({type(e).__name__}: {one_line(e)[:200]})") from None
+
+
+# ----------------------------------------------------------------------------- run dir
+
+LOCK_NAME = ".lock"
+_IN_USE = {errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK, getattr(errno, "EDEADLOCK", errno.EDEADLK)}
+
+
+def lock_run_dir(out):
+    """An exclusive lock on the run dir for the run's lifetime: returns the open lock file (closing
+    it, or the process ending, releases the lock). A second train.py on the same --out fails at
+    once. fcntl.flock where it exists, msvcrt.locking on Windows, no lock where neither works."""
+    f = open(out / LOCK_NAME, "a+")
+    try:
+        try:
+            import fcntl
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except ImportError:
+            try:
+                import msvcrt
+            except ImportError:
+                return f
+            f.seek(0)
+            msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)
+    except OSError as e:
+        if e.errno not in _IN_USE:
+            return f  # a file system without locks (ENOLCK): run without one
+        f.close()
+        raise ValueError(f"{out} is in use by another train.py run (it holds the lock on "
+                         f"{out / LOCK_NAME}); wait for it to end or pick another --out") from None
+    except BaseException:
+        f.close()
+        raise
+    return f
+
+
+def claim_run_dir(out, resume_path):
+    """A fresh start never writes over a run; a resume writes only into its own run's folder."""
+    last = out / "last.pt"
+    if not last.exists():
+        return
+    if resume_path is None:
+        raise ValueError(f"{out} already holds a run (last.pt); use --resume {last} or another --out")
+    if not os.path.samefile(Path(resume_path).resolve().parent, out):
+        raise ValueError(f"{out} already holds another run (last.pt); resume that one with --resume {last}, "
+                         f"or continue {resume_path} in its own folder or an empty --out")
+
+
+def best_epoch(history):
+    """The epoch best.pt holds by the selection rule: the first epoch with the best validation
+    top-1; with no validation split, the last epoch."""
+    rows = [r for r in history if r.get("val_acc") is not None]
+    if rows:
+        return max(rows, key=lambda r: r["val_acc"])["epoch"]
+    return history[-1]["epoch"] if history else None
+
+
+def repair_best(out, ck, resume_path):
+    """A kill between writing last.pt and best.pt leaves best.pt an epoch behind; resuming puts
+    the best epoch back in best.pt when the checkpoint resumed from is that epoch."""
+    epoch, best = ck["epoch"], out / "best.pt"
+    if best_epoch(ck["history"]) != epoch:
+        return
+    try:
+        if torch.load(best, map_location="cpu", weights_only=True, mmap=True)["epoch"] == epoch:
+            return
+    except Exception:  # missing or unreadable: write it
+        pass
+    last = out / "last.pt"
+    if last.exists() and os.path.samefile(resume_path, last):
+        checkpoint.link(last, best)
+    else:
+        checkpoint.save(ck, best)
+    print(f"best.pt now holds epoch {epoch}, the best epoch (it was missing or older)", flush=True)
+
+
+def interrupted(epoch, out, resume=None):
+    """The line Ctrl-C prints: where the run stopped and the command that continues it."""
+    last = out / "last.pt" if out is not None else None
+    if last is not None and last.exists():
+        return f"interrupted at epoch {epoch}; resume with: python train.py --resume {last}"
+    if resume and out is not None:
+        return f"interrupted at epoch {epoch}; resume with: python train.py --resume {resume} --out {out}"
+    return f"interrupted at epoch {epoch}, before the first checkpoint: nothing to resume"
+
+
 # ----------------------------------------------------------------------------- main
 
 def main(args):
+    """One training run. Errors a user can act on are raised with one-line messages (ValueError,
+    checkpoint.CheckpointError, OSError, Diverged), Ctrl-C as Interrupted; cli() prints them."""
     resume_ck = None
     if args.resume:
         resume_ck = checkpoint.load_checkpoint(args.resume)
-        saved = dict(resume_ck.get("args") or {})
-        for k in RUNTIME_ARGS:
-            if getattr(args, k, None) is not None:
-                saved[k] = getattr(args, k)
-        saved["epochs"] = args.epochs or saved.get("epochs")
-        saved["out"] = args.out or str(Path(args.resume).parent)
-        args = argparse.Namespace(**{**vars(args), **saved})
+        check_resumable(resume_ck, args.resume)
+        args, ignored = resume_args(args, resume_ck)
+        if ignored and int(os.environ.get("RANK", 0)) == 0:
+            print(f"warning: a resume keeps the run's settings; ignored: {', '.join(ignored)} (a resume "
+                  f"may change only {', '.join(flag_text(k, True) for k in RUNTIME_ARGS if k != 'resume')})",
+                  file=sys.stderr, flush=True)
     elif args.model is None or args.dataset is None:
         raise ValueError("--model and --dataset are required (or --resume CKPT)")
     a = resolve_args(args)
@@ -460,12 +758,12 @@ def main(args):
     d = data.load_data(a.dataset, a.data_dir, image_size=a.image_size, channels=a.channels,
                        val_split=a.val_split, limit_train=a.limit_train,
                        limit_test=a.limit_test, seed=a.seed)
+    if resume_ck is not None:
+        check_resume_data(resume_ck, d, a.resume, a.data_dir)
     opts = model_options(a)
     model = models.build_model(a.model, d.num_classes, d.in_channels, d.image_size, **opts)
-    if resume_ck is not None:
-        model.load_state_dict(resume_ck["model"])
+    check_image_size(model, a.model, opts, d.num_classes, d.in_channels, d.image_size)
     mem = torch.channels_last if a.channels_last else torch.contiguous_format
-    model = model.to(device, memory_format=mem)
 
     loader_kw = dict(mean=d.mean, std=d.std, device=device, channels_last=a.channels_last,
                      workers=a.workers, seed=a.seed)
@@ -476,6 +774,10 @@ def main(args):
     val_loader = data.make_loader(d.val, batch_size=eval_bs, train=False, **loader_kw) if d.val else None
     test_loader = data.make_loader(d.test, batch_size=eval_bs, train=False, **loader_kw)
 
+    if resume_ck is not None:
+        checkpoint.load_weights(model, resume_ck["model"], resume_ck["model_name"],
+                                f"cannot resume {a.resume}: its weights")
+    model = model.to(device, memory_format=mem)
     optimizer = build_optimizer(model, a, device)
     schedule = Schedule(optimizer, a.scheduler, a.epochs, len(train_loader), a.warmup_epochs,
                         a.milestones, a.gamma, a.step_size, a.patience)
@@ -484,20 +786,10 @@ def main(args):
     criterion = nn.CrossEntropyLoss(label_smoothing=a.label_smoothing)
     history, start_epoch, best_val = [], 0, -1.0
     if resume_ck is not None:
-        optimizer.load_state_dict(resume_ck["optimizer"])
-        schedule.load_state_dict(resume_ck["scheduler"])
-        scaler.load_state_dict(resume_ck["scaler"])
-        if ema is not None and resume_ck.get("ema") is not None:
-            ema.module.load_state_dict(resume_ck["ema"])
-        history = list(resume_ck.get("history") or [])
+        restore_state(resume_ck, a.resume, optimizer, schedule, scaler, ema, device)
+        history = list(resume_ck["history"])
         start_epoch = resume_ck["epoch"]
         best_val = max([r["val_acc"] for r in history if r.get("val_acc") is not None], default=-1.0)
-        torch.set_rng_state(resume_ck["rng"]["torch"])
-        if device.type == "cuda" and resume_ck["rng"].get("cuda"):
-            torch.cuda.set_rng_state_all(resume_ck["rng"]["cuda"])
-        if start_epoch >= a.epochs:
-            raise ValueError(f"{args.resume} already finished {start_epoch} epochs; "
-                             f"pass --epochs N with N > {start_epoch} to train further")
 
     train_model = model
     if world > 1:
@@ -510,110 +802,153 @@ def main(args):
 
     out = Path(a.out or default_out(a))
     is_main = rank == 0
-    if is_main:
-        if resume_ck is None and (out / "last.pt").exists():
-            raise ValueError(f"{out} already holds a run (last.pt); use --resume {out / 'last.pt'} "
-                             "or another --out")
-        out.mkdir(parents=True, exist_ok=True)
-        config = {k: plain(v) for k, v in vars(a).items()}
-        config.update(model_options=opts, num_classes=d.num_classes, in_channels=d.in_channels,
-                      image_size=d.image_size, classes=d.classes, mean=list(d.mean),
-                      std=list(d.std), device=str(device), world_size=world,
-                      amp_dtype=str(amp_dtype), torch=torch.__version__,
-                      train_samples=len(d.train), val_samples=len(d.val) if d.val else 0,
-                      test_samples=len(d.test))
-        (out / "config.json").write_text(json.dumps(config, indent=2))
-        if a.tensorboard:
-            writer = SummaryWriter(str(out / "tb"))
-        print(f"{a.model} on {a.dataset}: {len(d.train)} train / {len(d.val) if d.val else 0} val / "
-              f"{len(d.test)} test, {sum(p.numel() for p in model.parameters()):,} params, "
-              f"device {device}, amp {amp_dtype}, world {world}, out {out}", flush=True)
+    lock, epoch = None, start_epoch
+    try:
+        if is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            lock = lock_run_dir(out)  # held until the run ends: one train.py per run dir
+            claim_run_dir(out, a.resume)
+            if resume_ck is not None:
+                repair_best(out, resume_ck, a.resume)
+        if start_epoch >= a.epochs:
+            raise ValueError(f"{a.resume} already finished {start_epoch} epochs; "
+                             f"pass --epochs N with N > {start_epoch} to train further")
+        if is_main:
+            config = {k: plain(v) for k, v in vars(a).items()}
+            config.update(model_options=opts, num_classes=d.num_classes, in_channels=d.in_channels,
+                          image_size=d.image_size, classes=d.classes, mean=list(d.mean),
+                          std=list(d.std), device=str(device), world_size=world,
+                          amp_dtype=str(amp_dtype), torch=torch.__version__,
+                          train_samples=len(d.train), val_samples=len(d.val) if d.val else 0,
+                          test_samples=len(d.test))
+            with replacing(out / "config.json") as tmp:
+                tmp.write_text(json.dumps(config, indent=2))
+            if a.tensorboard:
+                writer = SummaryWriter(str(out / "tb"))
+            print(f"{a.model} on {a.dataset}: {len(d.train)} train / {len(d.val) if d.val else 0} val / "
+                  f"{len(d.test)} test, {sum(p.numel() for p in model.parameters()):,} params, "
+                  f"device {device}, amp {amp_dtype}, world {world}, out {out}", flush=True)
 
-    tty = is_main and sys.stdout.isatty()
-    wall0 = time.perf_counter()
-    for epoch in range(start_epoch, a.epochs):
-        train_loader.set_epoch(epoch)
-        progress = None
-        if tty:
-            from tqdm import tqdm
-            progress = tqdm(total=len(train_loader), desc=f"epoch {epoch + 1}/{a.epochs}", leave=False)
-        t0 = time.perf_counter()
-        lr = optimizer.param_groups[0]["lr"]
-        train_loss, train_acc, seen = train_one_epoch(
-            train_model, train_loader, optimizer, schedule, scaler, criterion, a, epoch, device,
-            amp_dtype, ema, progress)
-        train_seconds = time.perf_counter() - t0
-        if progress is not None:
-            progress.close()
-        val = evaluate(train_model, val_loader, d.num_classes, amp_dtype=amp_dtype) if val_loader else None
-        test = evaluate(train_model, test_loader, d.num_classes, amp_dtype=amp_dtype)
-        ema_test = evaluate(ema.module, test_loader, d.num_classes, amp_dtype=amp_dtype) if ema else None
-        schedule.epoch_end(val["loss"] if val else None)
-        row = dict(epoch=epoch + 1, lr=lr, train_loss=train_loss, train_acc=train_acc,
-                   val_loss=val["loss"] if val else None, val_acc=val["top1"] if val else None,
-                   test_loss=test["loss"], test_top1=test["top1"], test_top5=test["top5"],
-                   epoch_seconds=time.perf_counter() - t0,
-                   images_per_second=seen / train_seconds,
-                   ema_test_top1=ema_test["top1"] if ema_test else None)
-        history.append(row)
-        if not is_main:
-            continue
-        ck = checkpoint.make_checkpoint(
-            model_name=a.model, model_options=opts, num_classes=d.num_classes,
-            in_channels=d.in_channels, image_size=d.image_size, classes=d.classes, mean=d.mean,
-            std=d.std, args={k: plain(v) for k, v in vars(a).items()}, epoch=epoch + 1,
-            model=model.state_dict(), ema=ema.module.state_dict() if ema else None,
-            optimizer=optimizer.state_dict(), scheduler=schedule.state_dict(),
-            scaler=scaler.state_dict(),
-            rng={"torch": torch.get_rng_state(),
-                 "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else []},
-            history=history)
-        checkpoint.save(ck, out / "last.pt")
-        improved = val is not None and val["top1"] > best_val
-        if improved or val is None:
-            best_val = val["top1"] if val else best_val
-            checkpoint.save(ck, out / "best.pt")
-        write_metrics(history, out / "metrics.csv")
-        if writer is not None:
-            for k, v in row.items():
-                if k != "epoch" and v is not None:
-                    writer.add_scalar(k, v, epoch + 1)
-        msg = (f"epoch {epoch + 1}/{a.epochs} lr {lr:.4g} train loss {train_loss:.4f} "
-               f"acc {100 * train_acc:.2f}% | ")
-        if val:
-            msg += f"val loss {val['loss']:.4f} acc {100 * val['top1']:.2f}% | "
-        msg += (f"test loss {test['loss']:.4f} top-1 {100 * test['top1']:.2f}% "
-                f"top-5 {100 * test['top5']:.2f}% | {row['epoch_seconds']:.1f}s "
-                f"{row['images_per_second']:.0f} img/s")
-        if ema_test:
-            msg += f" | ema top-1 {100 * ema_test['top1']:.2f}%"
-        print(msg + (" *" if improved else ""), flush=True)
+        tty = is_main and sys.stdout.isatty()
+        wall0 = time.perf_counter()
+        for epoch in range(start_epoch, a.epochs):
+            train_loader.set_epoch(epoch)
+            progress = None
+            if tty:
+                from tqdm import tqdm
+                progress = tqdm(total=len(train_loader), desc=f"epoch {epoch + 1}/{a.epochs}", leave=False)
+            t0 = time.perf_counter()
+            lr = optimizer.param_groups[0]["lr"]
+            # Raises Diverged unless the loss and, after the last step, every tensor of the model
+            # and its EMA are finite: what is saved below is exactly what it checked.
+            train_loss, train_acc, seen = train_one_epoch(
+                train_model, train_loader, optimizer, schedule, scaler, criterion, a, epoch, device,
+                amp_dtype, ema, progress)
+            train_seconds = time.perf_counter() - t0
+            if progress is not None:
+                progress.close()
+            val = evaluate(train_model, val_loader, d.num_classes, amp_dtype=amp_dtype) if val_loader else None
+            test = evaluate(train_model, test_loader, d.num_classes, amp_dtype=amp_dtype)
+            ema_test = evaluate(ema.module, test_loader, d.num_classes, amp_dtype=amp_dtype) if ema else None
+            bad = [f"{name} loss {r['loss']}" for name, r in (("validation", val), ("test", test),
+                                                             ("EMA test", ema_test))
+                   if r is not None and not math.isfinite(r["loss"])]
+            if bad:  # finite weights whose eval-mode outputs are not (e.g. huge BatchNorm statistics)
+                raise Diverged(f"the model's outputs became non-finite at epoch {epoch + 1} ({', '.join(bad)}); "
+                               f"{DIVERGED_HINT.format(lr=a.lr)}")
+            schedule.epoch_end(val["loss"] if val else None)
+            row = dict(epoch=epoch + 1, lr=lr, train_loss=train_loss, train_acc=train_acc,
+                       val_loss=val["loss"] if val else None, val_acc=val["top1"] if val else None,
+                       test_loss=test["loss"], test_top1=test["top1"], test_top5=test["top5"],
+                       epoch_seconds=time.perf_counter() - t0,
+                       images_per_second=seen / train_seconds,
+                       ema_test_top1=ema_test["top1"] if ema_test else None)
+            history.append(row)
+            if not is_main:
+                continue
+            ck = checkpoint.make_checkpoint(
+                model_name=a.model, model_options=opts, num_classes=d.num_classes,
+                in_channels=d.in_channels, image_size=d.image_size, classes=d.classes, mean=d.mean,
+                std=d.std, args={k: plain(v) for k, v in vars(a).items()}, epoch=epoch + 1,
+                model=model.state_dict(), ema=ema.module.state_dict() if ema else None,
+                optimizer=optimizer.state_dict(), scheduler=schedule.state_dict(),
+                scaler=scaler.state_dict(),
+                rng={"torch": torch.get_rng_state(),
+                     "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else []},
+                history=history)
+            # last.pt first, then best.pt as a second name for the same file (one write). A kill
+            # in between leaves best.pt an epoch behind: repair_best() fixes it on resume.
+            checkpoint.save(ck, out / "last.pt")
+            improved = val is not None and val["top1"] > best_val
+            if improved or val is None:
+                best_val = val["top1"] if val else best_val
+                checkpoint.link(out / "last.pt", out / "best.pt")
+            write_metrics(history, out / "metrics.csv")
+            if writer is not None:
+                for k, v in row.items():
+                    if k != "epoch" and v is not None:
+                        writer.add_scalar(k, v, epoch + 1)
+            msg = (f"epoch {epoch + 1}/{a.epochs} lr {lr:.4g} train loss {train_loss:.4f} "
+                   f"acc {100 * train_acc:.2f}% | ")
+            if val:
+                msg += f"val loss {val['loss']:.4f} acc {100 * val['top1']:.2f}% | "
+            msg += (f"test loss {test['loss']:.4f} top-1 {100 * test['top1']:.2f}% "
+                    f"top-5 {100 * test['top5']:.2f}% | {row['epoch_seconds']:.1f}s "
+                    f"{row['images_per_second']:.0f} img/s")
+            if ema_test:
+                msg += f" | ema top-1 {100 * ema_test['top1']:.2f}%"
+            print(msg + (" *" if improved else ""), flush=True)
 
-    if is_main and history:
-        plot_curves(history, out / "curves.png")
-        if writer is not None:
-            writer.close()
-        last = history[-1]
-        best = max((r for r in history if r.get("val_acc") is not None),
-                   key=lambda r: r["val_acc"], default=None)
-        train_time = sum(r["epoch_seconds"] for r in history)
-        ips = sum(r["images_per_second"] for r in history) / len(history)
-        print(f"done: {a.model} on {a.dataset}, {last['epoch']} epochs"
-              + (f", best val top-1 {100 * best['val_acc']:.2f}% (epoch {best['epoch']})" if best else "")
-              + f", final test top-1 {100 * last['test_top1']:.2f}% top-5 {100 * last['test_top5']:.2f}%"
-              f", train time {train_time:.1f}s (this session {time.perf_counter() - wall0:.1f}s)"
-              f", {ips:.0f} img/s; checkpoints in {out}", flush=True)
+        if is_main and history:
+            plot_curves(history, out / "curves.png")
+            if writer is not None:
+                writer.close()
+            last = history[-1]
+            best = max((r for r in history if r.get("val_acc") is not None),
+                       key=lambda r: r["val_acc"], default=None)
+            train_time = sum(r["epoch_seconds"] for r in history)
+            ips = sum(r["images_per_second"] for r in history) / len(history)
+            print(f"done: {a.model} on {a.dataset}, {last['epoch']} epochs"
+                  + (f", best val top-1 {100 * best['val_acc']:.2f}% (epoch {best['epoch']})" if best else "")
+                  + f", final test top-1 {100 * last['test_top1']:.2f}% top-5 {100 * last['test_top5']:.2f}%"
+                  f", train time {train_time:.1f}s (this session {time.perf_counter() - wall0:.1f}s)"
+                  f", {ips:.0f} img/s; checkpoints in {out}", flush=True)
+    except KeyboardInterrupt:
+        raise Interrupted(interrupted(epoch + 1, out if is_main else None, a.resume)) from None
+    finally:
+        if lock is not None:
+            lock.close()
     if dist.is_initialized():
         dist.destroy_process_group()
 
 
-if __name__ == "__main__":
+def cli(argv=None):
+    """The command line: returns the exit status (0; 1 with one `error:` line; 130 on Ctrl-C;
+    argparse exits 2 itself on bad usage)."""
     parser = get_args_parser()
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.resume is None and (args.model is None or args.dataset is None):
         parser.error("--model and --dataset are required (or --resume CKPT)")
     try:
         main(args)
+    except Interrupted as e:
+        print(e, file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:  # before the run dir was touched
+        print("interrupted before training started; nothing was written"
+              + (f" (resume with: python train.py --resume {args.resume})" if args.resume else ""),
+              file=sys.stderr)
+        return 130
     except (ValueError, OSError, Diverged) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return 1
+    except (MemoryError, RuntimeError) as e:
+        if not isinstance(e, (MemoryError, torch.OutOfMemoryError)) and "can't allocate memory" not in str(e):
+            raise  # a bug, not a user's mistake: keep its traceback
+        print("error: out of memory: lower --batch-size (or --image-size, --limit-train)", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
