@@ -266,9 +266,16 @@ def test_plateau_refuses_without_validation(tmp_path):
 
 def test_absurd_lr_stops_and_keeps_last_good_checkpoint(tmp_path):
     out = tmp_path / "run"
-    # epoch 1 at lr 0.01, then step decay with gamma 1e9: epoch 2 runs at lr 1e7.
-    r = run_script("train.py", "--model", "lenet5", *SMALL, "--epochs", "3", "--lr", "0.01",
-                   "--scheduler", "step", "--step-size", "1", "--gamma", "1e9", "--out", out)
+    # epoch 1 at lr 0.01; then the run's recorded lr is raised to 1e7 (a --gamma above 1 is a usage
+    # error now), so the resumed epoch 2 runs at lr 1e7.
+    r = run_script("train.py", "--model", "lenet5", *SMALL, "--epochs", "1", "--lr", "0.01",
+                   "--scheduler", "none", "--out", out)
+    assert r.returncode == 0, r.stderr
+    import checkpoint
+    ck = load(out / "last.pt")
+    ck["args"]["lr"] = 1e7
+    checkpoint.save(ck, out / "last.pt")
+    r = run_script("train.py", "--resume", out / "last.pt", "--epochs", "3")
     assert r.returncode == 1
     assert "non-finite" in r.stderr and "epoch 2" in r.stderr and "learning rate" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
