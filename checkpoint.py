@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from models import build_model
+from models import build_model, upgrade_state_dict
 
 FORMAT = "deeper-networks/1"
 REQUIRED_KEYS = ("format", "model_name", "model_options", "num_classes", "in_channels", "image_size", "model")
@@ -106,7 +106,8 @@ def model_from_checkpoint(ck, ema=False):
     model = build_model(ck["model_name"], ck["num_classes"], ck["in_channels"], ck["image_size"],
                         **ck["model_options"])
     try:
-        model.load_state_dict(ck["ema"] if ema and ck.get("ema") else ck["model"])
+        state = ck["ema"] if ema and ck.get("ema") else ck["model"]
+        model.load_state_dict(upgrade_state_dict(ck["model_name"], state))  # pre-rename names mapped
     except RuntimeError as e:
         raise CheckpointError(f"checkpoint weights do not fit {ck['model_name']}: "
                               f"{str(e).splitlines()[0]}") from None
