@@ -82,8 +82,9 @@ def _reason(e):
     return str(e).strip().split("\n")[0].split(". ")[0][:200] or type(e).__name__
 
 
-def load_checkpoint(path, map_location="cpu"):
-    """torch.load(weights_only=True) of a deeper-networks checkpoint; CheckpointError otherwise."""
+def load_checkpoint(path, map_location="cpu", required=REQUIRED_KEYS):
+    """torch.load(weights_only=True) of a deeper-networks checkpoint; CheckpointError otherwise.
+    required=(): any weights-only file (load_weights tells the kinds apart)."""
     if not os.path.exists(path):
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
@@ -95,7 +96,7 @@ def load_checkpoint(path, map_location="cpu"):
         raise CheckpointError(f"cannot read checkpoint {path}: {_reason(e)}") from None
     except Exception as e:  # RuntimeError (bad zip), EOFError (empty), OSError (a directory), ...
         raise CheckpointError(f"cannot read checkpoint {path}: {_reason(e)}") from None
-    missing = [k for k in REQUIRED_KEYS if not isinstance(ck, dict) or k not in ck]
+    missing = [k for k in required if not isinstance(ck, dict) or k not in ck]
     if missing:
         raise CheckpointError(f"{path} is not a deeper-networks checkpoint (missing: {', '.join(missing)})")
     return ck
@@ -112,3 +113,19 @@ def model_from_checkpoint(ck, ema=False):
         raise CheckpointError(f"checkpoint weights do not fit {ck['model_name']}: "
                               f"{str(e).splitlines()[0]}") from None
     return model.eval()
+
+
+def load_weights(path):
+    """(state_dict, init) to start a run from (train.py --init-from): one of our checkpoints (its
+    model's weights, old names mapped, and the mean/std they were trained with) or a plain
+    state_dict file, e.g. torchvision's own .pth (no mean/std: the dataset's are used). init
+    records the source for the new checkpoint. CheckpointError for anything else."""
+    ck = load_checkpoint(path, required=())
+    if isinstance(ck, dict) and "format" in ck and "model_name" in ck and isinstance(ck.get("model"), dict):
+        return upgrade_state_dict(ck["model_name"], ck["model"]), {
+            "source": str(path), "model_name": ck["model_name"], "mean": ck.get("mean"), "std": ck.get("std"),
+            **({"init": ck["init"]} if ck.get("init") else {})}  # where the source itself started
+    if isinstance(ck, dict) and ck and all(isinstance(v, torch.Tensor) for v in ck.values()):
+        # DDP / torch.compile prefixes from other people's training scripts
+        return {re.sub(r"^(module\.|_orig_mod\.)+", "", k): v for k, v in ck.items()}, {"source": str(path)}
+    raise CheckpointError(f"{path} is neither a deeper-networks checkpoint nor a state_dict (a dict of tensors)")
