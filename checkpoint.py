@@ -84,7 +84,7 @@ def _reason(e):
 
 def load_checkpoint(path, map_location="cpu", required=REQUIRED_KEYS):
     """torch.load(weights_only=True) of a deeper-networks checkpoint; CheckpointError otherwise.
-    required=(): any weights-only file (load_weights tells the kinds apart)."""
+    required=(): any weights-only file (load_init tells the kinds apart)."""
     if not os.path.exists(path):
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
@@ -115,7 +115,7 @@ def model_from_checkpoint(ck, ema=False):
     return model.eval()
 
 
-def load_weights(path):
+def load_init(path):
     """(state_dict, init) to start a run from (train.py --init-from): one of our checkpoints (its
     model's weights, old names mapped, and the mean/std they were trained with) or a plain
     state_dict file, e.g. torchvision's own .pth (no mean/std: the dataset's are used). init

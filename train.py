@@ -224,7 +224,7 @@ def init_weights(model, a, d, resume_ck, verbose):
         if a.pretrained:
             state, init = models.torchvision_weights(a.model, a.pretrained, d.image_size)
         else:
-            state, init = checkpoint.load_weights(a.init_from)
+            state, init = checkpoint.load_init(a.init_from)
         line = models.load_transfer(model, models.upgrade_state_dict(a.model, state), new_head=bool(a.pretrained))
         if verbose:
             print(f"init from {init.get('weights') or init['source']}: {line}", flush=True)

@@ -371,21 +371,21 @@ def test_init_from_our_checkpoint_and_torchvision_state_dict(tmp_path):
                                     mean=[0.1, 0.2, 0.3], std=[0.4, 0.5, 0.6])
     path = tmp_path / "ours.pt"
     torch.save(ck, path)
-    state, init = checkpoint.load_weights(path)
+    state, init = checkpoint.load_init(path)
     assert init == {"source": str(path), "model_name": "resnet18", "mean": [0.1, 0.2, 0.3], "std": [0.4, 0.5, 0.6]}
     model = models.build_model("resnet18", 10, 3, 224, stem="imagenet")
     assert "new head: fc" in models.load_transfer(model, state, new_head=False)
     # torchvision's layout as a plain state_dict, with a DDP prefix
     tv = perturbed(torchvision_model("resnet18").state_dict())
     torch.save({"module." + k: v for k, v in tv.items()}, tmp_path / "tv.pth")
-    state, init = checkpoint.load_weights(tmp_path / "tv.pth")
+    state, init = checkpoint.load_init(tmp_path / "tv.pth")
     assert init == {"source": str(tmp_path / "tv.pth")} and state.keys() == tv.keys()
     model = models.build_model("resnet18", 10, 3, 224, stem="imagenet")
     line = models.load_transfer(model, state, new_head=False)
     assert line == "loaded 120 of 122 tensors; new head: fc"
     torch.save([1, 2], tmp_path / "list.pt")
     with pytest.raises(checkpoint.CheckpointError, match="neither a deeper-networks checkpoint nor a state_dict"):
-        checkpoint.load_weights(tmp_path / "list.pt")
+        checkpoint.load_init(tmp_path / "list.pt")
 
 
 # --------------------------------------------------------------------------- checkpoints from before the renaming
