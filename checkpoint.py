@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from models import build_model
+from models import build_model, upgrade_state_dict
 
 FORMAT = "deeper-networks/1"
 REQUIRED_KEYS = ("format", "model_name", "model_options", "num_classes", "in_channels", "image_size", "model")
@@ -125,8 +125,9 @@ def _reason(e):
     return str(e).strip().split("\n")[0].split(". ")[0][:200] or type(e).__name__
 
 
-def load_checkpoint(path, map_location="cpu"):
-    """torch.load(weights_only=True) of a deeper-networks checkpoint; CheckpointError otherwise."""
+def load_checkpoint(path, map_location="cpu", required=REQUIRED_KEYS):
+    """torch.load(weights_only=True) of a deeper-networks checkpoint; CheckpointError otherwise.
+    required=(): any weights-only file (load_init tells the kinds apart)."""
     if not os.path.exists(path):
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
@@ -138,10 +139,10 @@ def load_checkpoint(path, map_location="cpu"):
         raise CheckpointError(f"cannot read checkpoint {path}: {_reason(e)}") from None
     except Exception as e:  # RuntimeError (bad zip), EOFError (empty), OSError (a directory), ...
         raise CheckpointError(f"cannot read checkpoint {path}: {_reason(e)}") from None
-    missing = [k for k in REQUIRED_KEYS if not isinstance(ck, dict) or k not in ck]
+    missing = [k for k in required if not isinstance(ck, dict) or k not in ck]
     if missing:
         raise CheckpointError(f"{path} is not a deeper-networks checkpoint (missing: {', '.join(missing)})")
-    if ck["format"] != FORMAT:
+    if isinstance(ck, dict) and "format" in ck and ck["format"] != FORMAT:
         raise CheckpointError(f"{path} is not a deeper-networks checkpoint: its format is "
                               f"{str(ck['format'])[:80]!r}, this program reads {FORMAT!r}")
     return ck
@@ -151,7 +152,8 @@ def model_from_checkpoint(ck, ema=False):
     """The checkpoint's model (its EMA weights if ema and present), in eval mode, on the CPU."""
     model = build_model(ck["model_name"], ck["num_classes"], ck["in_channels"], ck["image_size"],
                         **ck["model_options"])
-    load_weights(model, ck["ema"] if ema and ck.get("ema") else ck["model"], ck["model_name"])
+    state = ck["ema"] if ema and ck.get("ema") else ck["model"]
+    load_weights(model, upgrade_state_dict(ck["model_name"], state), ck["model_name"])  # pre-rename names mapped
     return model.eval()
 
 
@@ -164,3 +166,19 @@ def load_weights(model, state, model_name, what="checkpoint weights"):
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
         detail = lines[1] if len(lines) > 1 else (lines[0] if lines else type(e).__name__)
         raise CheckpointError(f"{what} do not fit {model_name}: {detail[:300]}") from None
+
+
+def load_init(path):
+    """(state_dict, init) to start a run from (train.py --init-from): one of our checkpoints (its
+    model's weights, old names mapped, and the mean/std they were trained with) or a plain
+    state_dict file, e.g. torchvision's own .pth (no mean/std: the dataset's are used). init
+    records the source for the new checkpoint. CheckpointError for anything else."""
+    ck = load_checkpoint(path, required=())
+    if isinstance(ck, dict) and "format" in ck and "model_name" in ck and isinstance(ck.get("model"), dict):
+        return upgrade_state_dict(ck["model_name"], ck["model"]), {
+            "source": str(path), "model_name": ck["model_name"], "mean": ck.get("mean"), "std": ck.get("std"),
+            **({"init": ck["init"]} if ck.get("init") else {})}  # where the source itself started
+    if isinstance(ck, dict) and ck and all(isinstance(v, torch.Tensor) for v in ck.values()):
+        # DDP / torch.compile prefixes from other people's training scripts
+        return {re.sub(r"^(module\.|_orig_mod\.)+", "", k): v for k, v in ck.items()}, {"source": str(path)}
+    raise CheckpointError(f"{path} is neither a deeper-networks checkpoint nor a state_dict (a dict of tensors)")

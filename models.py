@@ -19,10 +19,19 @@ not given, an option the family does not take is a ValueError. model_options(nam
     head        'auto' | 'compact' | 'paper'    vgg: auto = compact up to 64 px, the paper's above
     aux_logits, inception_kernel (5 | 3), residual (None | 'identity' | 'projection')   googlenet
     plain, zero_init_residual                                                           resnets
+
+Parameter names are torchvision's, so its ImageNet weights load as they are (README, "Fine-tune an
+ImageNet model"): pretrained_names / pretrained_options / torchvision_weights (through the torch
+hub cache), load_transfer (new head, 1-channel first conv), freeze_backbone. upgrade_state_dict
+maps the names of checkpoints written before ResNet and GoogLeNet took torchvision's.
 """
 import argparse
+import os
+import re
 import sys
+from collections import OrderedDict
 from functools import partial
+from urllib.parse import urlparse
 
 import torch
 import torch.nn as nn
@@ -67,11 +76,6 @@ def _init_weights(model, conv_mode="fan_out", linear_std=0.01):
 
 def _conv_bn(cin, cout, kernel, stride=1, eps=1e-5):
     return [nn.Conv2d(cin, cout, kernel, stride, kernel // 2, bias=False), nn.BatchNorm2d(cout, eps=eps)]
-
-
-def _conv_bn_relu(cin, cout, kernel, stride=1):
-    """torchvision GoogLeNet's BasicConv2d (BatchNorm eps 1e-3)."""
-    return nn.Sequential(*_conv_bn(cin, cout, kernel, stride, eps=1e-3), nn.ReLU(inplace=True))
 
 
 # --------------------------------------------------------------------------- LeNet-5
@@ -232,19 +236,29 @@ INCEPTION = {
 }
 
 
+class BasicConv2d(nn.Module):
+    """torchvision GoogLeNet's conv + BatchNorm (eps 1e-3) + ReLU, with its names (conv, bn)."""
+
+    def __init__(self, cin, cout, kernel, stride=1):
+        super().__init__()
+        self.conv, self.bn = _conv_bn(cin, cout, kernel, stride, eps=1e-3)
+
+    def forward(self, x):
+        return F.relu(self.bn(self.conv(x)), inplace=True)
+
+
 class Inception(nn.Module):
-    """Four branches concatenated. kernel: the '5x5' branch's kernel (5 = paper, 3 = torchvision,
-    pytorch/vision#906). residual: 'identity' adds x where the input and output shapes match;
-    'projection' adds a shortcut everywhere, 1x1 conv + BN where the channels change."""
+    """Four branches concatenated (torchvision's names branch1..branch4). kernel: the '5x5'
+    branch's kernel (5 = paper, 3 = torchvision, pytorch/vision#906). residual: 'identity' adds x
+    where the input and output shapes match; 'projection' adds a shortcut everywhere, 1x1 conv + BN
+    where the channels change."""
 
     def __init__(self, cin, c1, c3r, c3, c5r, c5, cp, kernel=5, residual=None):
         super().__init__()
-        self.branches = nn.ModuleList([
-            _conv_bn_relu(cin, c1, 1),
-            nn.Sequential(_conv_bn_relu(cin, c3r, 1), _conv_bn_relu(c3r, c3, 3)),
-            nn.Sequential(_conv_bn_relu(cin, c5r, 1), _conv_bn_relu(c5r, c5, kernel)),
-            nn.Sequential(nn.MaxPool2d(3, 1, 1, ceil_mode=True), _conv_bn_relu(cin, cp, 1)),
-        ])
+        self.branch1 = BasicConv2d(cin, c1, 1)
+        self.branch2 = nn.Sequential(BasicConv2d(cin, c3r, 1), BasicConv2d(c3r, c3, 3))
+        self.branch3 = nn.Sequential(BasicConv2d(cin, c5r, 1), BasicConv2d(c5r, c5, kernel))
+        self.branch4 = nn.Sequential(nn.MaxPool2d(3, 1, 1, ceil_mode=True), BasicConv2d(cin, cp, 1))
         cout = c1 + c3 + c5 + cp
         self.shortcut = None
         if residual is not None and cin == cout:
@@ -253,7 +267,7 @@ class Inception(nn.Module):
             self.shortcut = nn.Sequential(*_conv_bn(cin, cout, 1))
 
     def forward(self, x):
-        out = torch.cat([branch(x) for branch in self.branches], 1)
+        out = torch.cat([self.branch1(x), self.branch2(x), self.branch3(x), self.branch4(x)], 1)
         if self.shortcut is not None:
             out = F.relu(out + self.shortcut(x))
         return out
@@ -264,17 +278,20 @@ class InceptionAux(nn.Module):
 
     def __init__(self, cin, num_classes):
         super().__init__()
-        self.conv = _conv_bn_relu(cin, 128, 1)
-        self.fc = nn.Sequential(nn.Flatten(), nn.Linear(128 * 4 * 4, 1024), nn.ReLU(inplace=True),
-                                nn.Dropout(0.7), nn.Linear(1024, num_classes))
+        self.conv = BasicConv2d(cin, 128, 1)
+        self.fc1 = nn.Linear(128 * 4 * 4, 1024)
+        self.fc2 = nn.Linear(1024, num_classes)
+        self.dropout = nn.Dropout(0.7)
 
     def forward(self, x):
-        return self.fc(self.conv(F.adaptive_avg_pool2d(x, 4)))  # N x 128 x 4 x 4 before fc
+        x = torch.flatten(self.conv(F.adaptive_avg_pool2d(x, 4)), 1)  # N x 2048
+        return self.fc2(self.dropout(F.relu(self.fc1(x), inplace=True)))
 
 
 class GoogLeNet(nn.Module):
-    """Train mode with aux_logits returns (logits, aux1, aux2), aux after 4a and 4d (train.py
-    weights them 0.3); otherwise logits. The CIFAR stem drops the two early downsamplings."""
+    """torchvision's names (conv1..3, inception3a..5b, aux1/aux2, fc). Train mode with aux_logits
+    returns (logits, aux1, aux2), aux after 4a and 4d (train.py weights them 0.3); otherwise
+    logits. The CIFAR stem drops the two early downsamplings (maxpool1/2 become identities)."""
 
     OPTIONS = ("aux_logits", "inception_kernel", "residual", "stem", "dropout")
 
@@ -286,38 +303,42 @@ class GoogLeNet(nn.Module):
         _choice("residual", residual, (None, "identity", "projection"))
         dropout = _dropout(dropout)
         if _stem(stem, image_size) == "imagenet":  # N x 192 x 28 x 28 at 224
-            self.stem = nn.Sequential(
-                _conv_bn_relu(in_channels, 64, 7, 2), nn.MaxPool2d(3, 2, ceil_mode=True),
-                _conv_bn_relu(64, 64, 1), _conv_bn_relu(64, 192, 3), nn.MaxPool2d(3, 2, ceil_mode=True))
+            self.conv1 = BasicConv2d(in_channels, 64, 7, 2)
+            self.maxpool1 = nn.MaxPool2d(3, 2, ceil_mode=True)
+            self.conv2 = BasicConv2d(64, 64, 1)
+            self.conv3 = BasicConv2d(64, 192, 3)
+            self.maxpool2 = nn.MaxPool2d(3, 2, ceil_mode=True)
         else:  # N x 192 x 32 x 32 at 32
-            self.stem = nn.Sequential(_conv_bn_relu(in_channels, 64, 3), _conv_bn_relu(64, 64, 1),
-                                      _conv_bn_relu(64, 192, 3))
-        cin, blocks = 192, {}
+            self.conv1 = BasicConv2d(in_channels, 64, 3)
+            self.maxpool1 = nn.Identity()
+            self.conv2 = BasicConv2d(64, 64, 1)
+            self.conv3 = BasicConv2d(64, 192, 3)
+            self.maxpool2 = nn.Identity()
+        cin = 192
         for name, cfg in INCEPTION.items():
-            blocks[name] = Inception(cin, *cfg, kernel=kernel, residual=residual)
+            setattr(self, f"inception{name}", Inception(cin, *cfg, kernel=kernel, residual=residual))
             cin = cfg[0] + cfg[2] + cfg[4] + cfg[5]
-        self.inception3 = nn.Sequential(blocks["3a"], blocks["3b"])
-        self.pool3 = nn.MaxPool2d(3, 2, ceil_mode=True)
-        self.inception4a = blocks["4a"]
-        self.inception4bcd = nn.Sequential(blocks["4b"], blocks["4c"], blocks["4d"])
-        self.inception4e = blocks["4e"]
-        self.pool4 = nn.MaxPool2d(2, 2, ceil_mode=True)
-        self.inception5 = nn.Sequential(blocks["5a"], blocks["5b"])
+            if name == "3b":
+                self.maxpool3 = nn.MaxPool2d(3, 2, ceil_mode=True)
+            elif name == "4e":
+                self.maxpool4 = nn.MaxPool2d(2, 2, ceil_mode=True)
         self.aux1 = InceptionAux(512, num_classes) if aux_logits else None
         self.aux2 = InceptionAux(528, num_classes) if aux_logits else None
-        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout),
-                                  nn.Linear(1024, num_classes))
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.dropout = nn.Dropout(dropout)
+        self.fc = nn.Linear(1024, num_classes)
         _init_weights(self)
 
     def forward(self, x):
-        x = self.inception3(self.stem(x))  # N x 480 x 28 x 28 at 224, N x 480 x 32 x 32 at 32
-        x = self.inception4a(self.pool3(x))  # N x 512 x 14 x 14 at 224, N x 512 x 16 x 16 at 32
+        x = self.maxpool2(self.conv3(self.conv2(self.maxpool1(self.conv1(x)))))
+        x = self.inception3b(self.inception3a(x))  # N x 480 x 28 x 28 at 224, N x 480 x 32 x 32 at 32
+        x = self.inception4a(self.maxpool3(x))  # N x 512 x 14 x 14 at 224, N x 512 x 16 x 16 at 32
         aux1 = self.aux1(x) if self.aux1 is not None and self.training else None
-        x = self.inception4bcd(x)  # N x 528 x 14 x 14
+        x = self.inception4d(self.inception4c(self.inception4b(x)))  # N x 528 x 14 x 14
         aux2 = self.aux2(x) if self.aux2 is not None and self.training else None
         x = self.inception4e(x)  # N x 832 x 14 x 14
-        x = self.inception5(self.pool4(x))  # N x 1024 x 7 x 7 at 224, N x 1024 x 8 x 8 at 32
-        logits = self.head(x)
+        x = self.inception5b(self.inception5a(self.maxpool4(x)))  # N x 1024 x 7 x 7 at 224, x 8 x 8 at 32
+        logits = self.fc(self.dropout(torch.flatten(self.avgpool(x), 1)))
         return (logits, aux1, aux2) if aux1 is not None else logits
 
 
@@ -348,36 +369,49 @@ class PadShortcut(nn.Module):
 
 
 class Block(nn.Module):
-    """relu(residual(x) + shortcut(x)). basic: 3x3 - 3x3; bottleneck: 1x1 - 3x3 - 1x1 (x4 wide),
-    the stride on the 3x3 (torchvision's v1.5). plain=True: the same layers without the addition."""
+    """relu(residual(x) + shortcut(x)) with torchvision's names: basic = conv1/bn1 3x3 - conv2/bn2
+    3x3; bottleneck = conv1 1x1 - conv2 3x3 - conv3 1x1 (x4 wide), the stride on the 3x3 (v1.5);
+    `downsample` = the shortcut where the shape changes (None: identity). plain=True: the same
+    layers without the addition."""
 
     def __init__(self, kind, cin, width, stride, shortcut="B", plain=False):
         super().__init__()
-        if kind == "basic":
-            cout = width
-            layers = [*_conv_bn(cin, width, 3, stride), nn.ReLU(inplace=True), *_conv_bn(width, cout, 3)]
+        self.bottleneck = kind == "bottleneck"
+        cout = 4 * width if self.bottleneck else width
+        if self.bottleneck:
+            self.conv1, self.bn1 = _conv_bn(cin, width, 1)
+            self.conv2, self.bn2 = _conv_bn(width, width, 3, stride)
+            self.conv3, self.bn3 = _conv_bn(width, cout, 1)
         else:
-            cout = 4 * width
-            layers = [*_conv_bn(cin, width, 1), nn.ReLU(inplace=True),
-                      *_conv_bn(width, width, 3, stride), nn.ReLU(inplace=True), *_conv_bn(width, cout, 1)]
-        self.residual = nn.Sequential(*layers)
-        self.shortcut = nn.Identity()
+            self.conv1, self.bn1 = _conv_bn(cin, width, 3, stride)
+            self.conv2, self.bn2 = _conv_bn(width, cout, 3)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = None
         if stride != 1 or cin != cout:
-            self.shortcut = (PadShortcut(cin, cout, stride) if shortcut == "A"
-                             else nn.Sequential(*_conv_bn(cin, cout, 1, stride)))
+            self.downsample = (PadShortcut(cin, cout, stride) if shortcut == "A"
+                               else nn.Sequential(*_conv_bn(cin, cout, 1, stride)))
         # A plain block keeps its projection module (unused) so that the plain and residual twins
         # have the same parameter count; their parameters get no gradient (DDP therefore needs
         # find_unused_parameters=True for plain ImageNet ResNets; CIFAR ones have no projection).
         self.plain = plain
 
+    def last_bn(self):
+        """The BatchNorm that closes the residual branch (zero_init_residual zeroes its weight)."""
+        return self.bn3 if self.bottleneck else self.bn2
+
     def forward(self, x):
-        out = self.residual(x)
+        out = self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
+        if self.bottleneck:
+            out = self.bn3(self.conv3(self.relu(out)))
         if not self.plain:
-            out = out + self.shortcut(x)
+            out = out + (x if self.downsample is None else self.downsample(x))
         return F.relu(out)
 
 
 class ResNet(nn.Module):
+    """torchvision's names: conv1, bn1, relu, maxpool, layer1..layer4 (CIFAR: layer1..layer3),
+    avgpool, fc. The CIFAR stem is a 3x3 stride-1 conv1 and no max-pool (maxpool = identity)."""
+
     OPTIONS = ("plain", "stem", "zero_init_residual")
 
     def __init__(self, depth, num_classes, in_channels=3, image_size=32, plain=False, stem="auto",
@@ -388,29 +422,39 @@ class ResNet(nn.Module):
         kind, blocks, widths, shortcut = RESNETS[depth]
         c = widths[0]
         if _stem(stem, image_size) == "imagenet":  # N x c x 56 x 56 at 224
-            self.stem = nn.Sequential(*_conv_bn(in_channels, c, 7, 2), nn.ReLU(inplace=True),
-                                      nn.MaxPool2d(3, 2, 1))
+            self.conv1, self.bn1 = _conv_bn(in_channels, c, 7, 2)
+            self.relu = nn.ReLU(inplace=True)
+            self.maxpool = nn.MaxPool2d(3, 2, 1)
         else:  # N x c x 32 x 32 at 32
-            self.stem = nn.Sequential(*_conv_bn(in_channels, c, 3), nn.ReLU(inplace=True))
-        stages = []
+            self.conv1, self.bn1 = _conv_bn(in_channels, c, 3)
+            self.relu = nn.ReLU(inplace=True)
+            self.maxpool = nn.Identity()
+        self.num_stages = len(blocks)
         for i, (n, width) in enumerate(zip(blocks, widths)):
             stage = []
             for j in range(n):
                 stage.append(Block(kind, c, width, 2 if i > 0 and j == 0 else 1, shortcut, plain))
                 c = width * (4 if kind == "bottleneck" else 1)
-            stages.append(nn.Sequential(*stage))
+            setattr(self, f"layer{i + 1}", nn.Sequential(*stage))
         # ImageNet: 56 -> 56, 28, 14, 7 px (at 224); CIFAR: 32 -> 32, 16, 8 px (at 32)
-        self.stages = nn.Sequential(*stages)  # N x 512 (2048 for bottleneck; 64 for CIFAR) x 7 x 7
-        self.pool = nn.AdaptiveAvgPool2d(1)
+        # N x 512 (2048 for bottleneck; 64 for CIFAR) x 7 x 7
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(c, num_classes)
         _init_weights(self, linear_std=None)
         if zero_init_residual:  # each block starts as the identity (Goyal et al. 2017)
             for m in self.modules():
                 if isinstance(m, Block):
-                    nn.init.zeros_(m.residual[-1].weight)
+                    nn.init.zeros_(m.last_bn().weight)
+
+    def stages(self):
+        """layer1, layer2, ... in order."""
+        return [getattr(self, f"layer{i + 1}") for i in range(self.num_stages)]
 
     def forward(self, x):
-        return self.fc(torch.flatten(self.pool(self.stages(self.stem(x))), 1))
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        for layer in self.stages():
+            x = layer(x)
+        return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
 # --------------------------------------------------------------------------- registry
@@ -463,6 +507,243 @@ def count_macs(model, input_shape):
     finally:
         model.train(was_training)
     return counter.get_total_flops() // 2
+
+
+# --------------------------------------------------------------------------- weights: old names, torchvision, transfer
+# Checkpoints written before ResNet and GoogLeNet took torchvision's parameter names are mapped on
+# load (checkpoint.model_from_checkpoint, train.py --resume / --init-from): old name -> new name.
+_OLD_RESIDUAL = {"0": "conv1", "1": "bn1", "3": "conv2", "4": "bn2", "6": "conv3", "7": "bn3"}
+_OLD_INCEPTION = {"inception3.0": "inception3a", "inception3.1": "inception3b",
+                  "inception4bcd.0": "inception4b", "inception4bcd.1": "inception4c",
+                  "inception4bcd.2": "inception4d", "inception5.0": "inception5a",
+                  "inception5.1": "inception5b"}
+_OLD_CONV = {"0": "conv", "1": "bn"}  # nn.Sequential(conv, bn, relu) -> BasicConv2d
+
+
+def _old_resnet_key(k):
+    k = re.sub(r"^stem\.0\.", "conv1.", re.sub(r"^stem\.1\.", "bn1.", k))
+    m = re.match(r"stages\.(\d+)\.(\d+)\.(residual|shortcut)\.(\d+)\.(.+)", k)
+    if not m:
+        return k
+    i, j, part, n, rest = m.groups()
+    return f"layer{int(i) + 1}.{j}.{_OLD_RESIDUAL[n] if part == 'residual' else 'downsample.' + n}.{rest}"
+
+
+def _old_googlenet_key(k, imagenet_stem):
+    m = re.match(r"stem\.(\d)\.([01])\.(.+)", k)
+    if m:
+        n, c, rest = m.groups()
+        stem = ({"0": "conv1", "2": "conv2", "3": "conv3"} if imagenet_stem
+                else {"0": "conv1", "1": "conv2", "2": "conv3"})
+        return f"{stem[n]}.{_OLD_CONV[c]}.{rest}"
+    m = re.match(r"(inception3\.\d|inception4bcd\.\d|inception5\.\d)\.(.+)", k)
+    if m:
+        k = f"{_OLD_INCEPTION[m.group(1)]}.{m.group(2)}"
+    k = re.sub(r"\.branches\.0\.([01])\.", lambda m: f".branch1.{_OLD_CONV[m.group(1)]}.", k)
+    k = re.sub(r"\.branches\.([123])\.(\d)\.([01])\.",
+               lambda m: f".branch{int(m.group(1)) + 1}.{m.group(2)}.{_OLD_CONV[m.group(3)]}.", k)
+    k = re.sub(r"^(aux[12])\.conv\.([01])\.", lambda m: f"{m.group(1)}.conv.{_OLD_CONV[m.group(2)]}.", k)
+    k = re.sub(r"^(aux[12])\.fc\.1\.", r"\1.fc1.", k)
+    k = re.sub(r"^(aux[12])\.fc\.4\.", r"\1.fc2.", k)
+    return re.sub(r"^head\.3\.", "fc.", k)
+
+
+def upgrade_state_dict(name, state_dict):
+    """`state_dict` with the parameter names used before ResNet and GoogLeNet took torchvision's
+    (ResNet: stem.N, stages.I.J.residual.N / .shortcut.N; GoogLeNet: stem.N, inception3.N,
+    inception4bcd.N, branches.N, aux.fc.N, head.3) mapped to today's. Today's names, and every
+    other model, pass unchanged."""
+    keys = list(state_dict)
+    if name.startswith("resnet") and any(k.startswith(("stem.", "stages.")) for k in keys):
+        rename = _old_resnet_key
+    elif name == "googlenet" and any(k.startswith(("stem.", "head.", "inception3.")) for k in keys):
+        imagenet_stem = any(k.startswith("stem.3.") for k in keys)  # the CIFAR stem has stem.0-2
+        rename = partial(_old_googlenet_key, imagenet_stem=imagenet_stem)
+    else:
+        return state_dict
+    return OrderedDict((rename(k), v) for k, v in state_dict.items())
+
+
+class WeightsError(ValueError):
+    """Pretrained weights that cannot be had or do not apply (one-line message)."""
+
+
+def pretrained_names():
+    """The models torchvision publishes ImageNet weights for, in registry order."""
+    import torchvision
+    published = set(torchvision.models.list_models(module=torchvision.models))
+    return [n for n in MODELS if n in published]
+
+
+def _torchvision_layout(name):
+    """The options under which our model is torchvision's architecture (and its weights fit)."""
+    if name.startswith("resnet"):
+        return {"stem": "imagenet", "plain": False}
+    if name == "googlenet":
+        return {"stem": "imagenet", "inception_kernel": 3, "residual": None}
+    if name == "alexnet":
+        return {"stem": "imagenet"}
+    return {"head": "paper"}  # vgg
+
+
+def pretrained_options(name, options):
+    """`options` completed with what torchvision's layout needs (ImageNet stem, VGG's paper head,
+    GoogLeNet's 3x3 kernel); WeightsError for a model without weights or an option against them."""
+    names = pretrained_names()
+    if name not in names:
+        raise WeightsError(f"{name} has no torchvision ImageNet weights; --pretrained works with: "
+                           f"{', '.join(names)}")
+    out = {k: v for k, v in options.items() if v is not None}
+    for k, need in _torchvision_layout(name).items():
+        given = out.get(k)
+        if given is None or given == "auto":
+            if need not in (None, False):
+                out[k] = need
+        elif given != need:
+            raise WeightsError(f"{name} with {k}={given!r} has no torchvision ImageNet weights (they "
+                               f"need {k}={need!r}); --pretrained works with: {', '.join(names)} in "
+                               "torchvision's layout (no plain twins, residual or 5x5 GoogLeNet, CIFAR stem)")
+    return out
+
+
+def pretrained_weights(name, weights="DEFAULT"):
+    """torchvision's weights enum member for `name`: 'DEFAULT', a member name such as
+    'IMAGENET1K_V1', or the full 'ResNet18_Weights.IMAGENET1K_V1'; WeightsError otherwise."""
+    import torchvision
+    pretrained_options(name, {})  # refuses models without weights
+    enum = torchvision.models.get_model_weights(name)
+    prefix, _, member = (weights or "DEFAULT").rpartition(".")
+    if prefix not in ("", enum.__name__) or member not in enum.__members__:
+        raise WeightsError(f"{name} has no weights {weights!r}; choose from: {', '.join(enum.__members__)}")
+    return enum[member]
+
+
+def torchvision_weights(name, weights="DEFAULT", image_size=None):
+    """(state_dict, init) of torchvision's published weights for `name`, through the torch hub
+    cache ($TORCH_HOME/hub/checkpoints, downloaded there when missing). init records where they
+    came from and the normalization they expect: {"source": "torchvision", "weights":
+    "ResNet18_Weights.IMAGENET1K_V1", "mean", "std", "image_size": the crop they were trained on}.
+    WeightsError (one line: the file and where to put it) when neither cached nor downloadable."""
+    w = pretrained_weights(name, weights)
+    min_size = w.meta["min_size"][0]
+    if image_size is not None and image_size < min_size:
+        raise WeightsError(f"{name}'s ImageNet layout needs images of at least {min_size} px (got "
+                           f"{image_size}): pass --image-size {w.transforms().crop_size[0]} (the size "
+                           f"the weights were trained at) or at least {min_size}")
+    hub = os.path.join(torch.hub.get_dir(), "checkpoints")
+    file = os.path.basename(urlparse(w.url).path)
+    path = os.path.join(hub, file)
+    try:  # no network needed when the file is cached; a download is checked against its hash
+        state = torch.hub.load_state_dict_from_url(w.url, model_dir=hub, map_location="cpu",
+                                                   progress=sys.stderr.isatty(), check_hash=True,
+                                                   weights_only=True)
+    except Exception as e:
+        reason = str(getattr(e, "reason", e)).strip()
+        reason = reason.splitlines()[0][:200] if reason else type(e).__name__
+        if os.path.exists(path):
+            raise WeightsError(f"cannot read {path} ({reason}); delete it to download it again") from None
+        raise WeightsError(f"{w} is not in the torch hub cache and could not be downloaded ({reason}): "
+                           f"put {file} (from {w.url}) at {path} ($TORCH_HOME/hub/checkpoints/{file})") from None
+    t = w.transforms()
+    mean, std = list(t.mean), list(t.std)
+    if name == "googlenet":
+        # torchvision turns on transform_input with these weights (ported from the paper's model):
+        # inside the model the ImageNet-normalized input becomes (x - 0.5) / 0.5, which is the same
+        # as normalizing with mean = std = 0.5 outside, so our GoogLeNet needs no extra layer.
+        mean, std = [0.5] * 3, [0.5] * 3
+    return state, {"source": "torchvision", "weights": str(w), "mean": mean, "std": std,
+                   "image_size": t.crop_size[0]}
+
+
+def for_channels(values, channels):
+    """Per-channel mean or std for `channels`: 1 channel gets the average of RGB's (the summed
+    first conv then sees a gray image as its RGB copy), 3 channels repeat a gray value."""
+    values = [float(v) for v in values]
+    if len(values) == channels:
+        return values
+    return [sum(values) / len(values)] if channels == 1 else values * channels
+
+
+def head_names(model):
+    """Module names of the classifier: the last conv/linear layer (every family registers its
+    classifier last) and GoogLeNet's auxiliary output layers."""
+    layers = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    return [layers[-1]] + [f"{n}.fc2" for n, m in model.named_modules() if isinstance(m, InceptionAux)]
+
+
+def _is_head(key, heads):
+    return any(key.startswith(h + ".") for h in heads)
+
+
+def _first_conv(model):
+    return next(n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)) + ".weight"
+
+
+def load_transfer(model, state_dict, new_head=True):
+    """Load what fits of `state_dict` into `model` and return one summary line. A 3-channel first
+    conv is summed over RGB for a 1-channel model (a gray image then gives the features of its
+    RGB copy). The head (head_names) stays newly initialised when new_head (ImageNet's 1000 classes
+    are not the dataset's) or when its shape differs; other shape mismatches and non-finite
+    tensors are skipped and named. WeightsError when nothing fits."""
+    own = model.state_dict()
+    state = dict(state_dict)
+    heads, notes = head_names(model), []
+    first = _first_conv(model)
+    w = state.get(first)
+    if (w is not None and w.ndim == 4 and own[first].shape[1] == 1 and w.shape[1] == 3
+            and w.shape[0] == own[first].shape[0] and w.shape[2:] == own[first].shape[2:]):
+        state[first] = w.sum(1, keepdim=True)
+        notes.append(f"{first} summed over RGB for 1 channel")
+    loaded, head, mismatched, unused, nonfinite = {}, [], [], [], []
+    for k, v in state.items():
+        if k not in own:
+            unused.append(k)
+        elif _is_head(k, heads) and (new_head or v.shape != own[k].shape):
+            head.append(k)
+        elif v.shape != own[k].shape:
+            mismatched.append(f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}")
+        elif v.is_floating_point() and not torch.isfinite(v).all():
+            nonfinite.append(k)
+        else:
+            loaded[k] = v
+    body = [k for k in own if not _is_head(k, heads)]
+    if not any(k in loaded for k in body):
+        raise WeightsError(f"none of the given weights fit this model ({len(state)} tensors, e.g. "
+                           f"{', '.join(list(state)[:3]) or 'none'})")
+    model.load_state_dict(loaded, strict=False)
+
+    def some(keys):
+        return ", ".join(keys[:3]) + (", ..." if len(keys) > 3 else "")
+    missing = [k for k in body if k not in loaded]
+    line = f"loaded {len(loaded)} of {len(own)} tensors"
+    line += f"; new head: {', '.join(heads)}" if any(k not in loaded for k in own if _is_head(k, heads)) else ""
+    for what, keys in (("left at init (not in the weights)", missing), ("shape mismatches", mismatched),
+                       ("non-finite", nonfinite), ("unused", unused)):
+        if keys:
+            line += f"; {len(keys)} {what}: {some(keys)}"
+    return line + "".join(f"; {n}" for n in notes)
+
+
+class _EvalBatchNorm2d(nn.BatchNorm2d):
+    """A BatchNorm2d that stays in eval mode (train() cannot switch it on): normalizes with its
+    running statistics and never updates them. Same parameters, buffers and state_dict keys."""
+
+    def train(self, mode=True):
+        return super().train(False)
+
+
+def freeze_backbone(model):
+    """Train only the head (head_names): every other parameter gets requires_grad=False, and every
+    BatchNorm outside the head stays in eval mode, so that the backbone's running statistics do not
+    move either (a linear probe on fixed features). Returns the names of the trainable parameters."""
+    heads = head_names(model)
+    for n, p in model.named_parameters():
+        p.requires_grad_(_is_head(n, heads))
+    for n, m in model.named_modules():
+        if type(m) is nn.BatchNorm2d and not _is_head(n + ".", heads):
+            m.__class__ = _EvalBatchNorm2d
+            m.eval()
+    return [n for n, p in model.named_parameters() if p.requires_grad]
 
 
 # --------------------------------------------------------------------------- table

@@ -4,6 +4,8 @@
     python train.py --model googlenet --residual --dataset cifar10 --epochs 100
     python train.py --model resnet20 --dataset synthetic --epochs 2 --out runs/demo
     python train.py --resume runs/demo/last.pt --epochs 4          # continue a run
+    python train.py --model resnet18 --pretrained --dataset folder --data-dir DIR --image-size 224 \
+        --backbone-lr-scale 0.1 --lr 0.01 --epochs 10                  # fine-tune ImageNet weights
     torchrun --nproc_per_node 2 train.py --model resnet18 --dataset cifar10   # DDP
 
 Hyperparameters left unset come from a per-dataset recipe (RECIPES below; --help shows them).
@@ -14,6 +16,7 @@ import argparse
 import copy
 import csv
 import errno
+import dataclasses
 import json
 import math
 import os
@@ -142,6 +145,18 @@ def get_args_parser():
     g.add_argument("--head", choices=("auto", "compact", "paper"), help="VGG head")
     g.add_argument("--dropout", type=fraction)
     g.add_argument("--zero-init-residual", action="store_true", default=None)
+    g = p.add_argument_group("transfer learning (README: fine-tune an ImageNet model)")
+    x = g.add_mutually_exclusive_group()
+    x.add_argument("--pretrained", nargs="?", const="DEFAULT", default=None, metavar="WEIGHTS",
+                   help="start from torchvision's ImageNet weights via the torch hub cache (no value: "
+                        "DEFAULT; or a name such as IMAGENET1K_V1); their mean/std are used")
+    x.add_argument("--init-from", default=None, metavar="PATH",
+                   help="start from one of our checkpoints or a state_dict file (torchvision layout "
+                        "included); what does not fit (head, shape mismatches) is skipped and named")
+    g.add_argument("--freeze-backbone", action="store_true",
+                   help="train only the new head: backbone weights and BatchNorm statistics stay fixed")
+    g.add_argument("--backbone-lr-scale", type=positive_float, default=None, metavar="F",
+                   help="the backbone's learning rate is F x --lr (e.g. 0.1); the head's is --lr")
     g = p.add_argument_group("optimization (unset: per-dataset recipe)")
     g.add_argument("--epochs", type=count)
     g.add_argument("--batch-size", type=count, help="global batch size")
@@ -252,6 +267,57 @@ def model_options(a):
     return {k: getattr(a, k) for k in MODEL_OPTIONS if getattr(a, k, None) is not None}
 
 
+def positive_float(text):
+    try:
+        v = float(text)
+    except ValueError:
+        v = math.nan
+    if not v > 0 or math.isinf(v):
+        raise argparse.ArgumentTypeError(f"must be a positive number (got {text!r})")
+    return v
+
+
+def check_transfer_args(a):
+    """The transfer-learning flags fit together and the weights exist, before any data is read."""
+    if (a.freeze_backbone or a.backbone_lr_scale) and not (a.pretrained or a.init_from):
+        raise ValueError("--freeze-backbone and --backbone-lr-scale need --pretrained or --init-from")
+    if a.freeze_backbone and a.backbone_lr_scale:
+        raise ValueError("--backbone-lr-scale has no effect with --freeze-backbone (the backbone is fixed)")
+    if a.pretrained:
+        models.pretrained_weights(a.model, a.pretrained)
+        models.pretrained_options(a.model, model_options(a))
+
+
+TRANSFER_WARN_SIZE = 64  # README, "Fine-tune an ImageNet model": below this, warn and suggest the weights' size
+
+
+def init_weights(model, a, d, resume_ck, verbose):
+    """--pretrained / --init-from (not on --resume: the checkpoint holds the weights) and
+    --freeze-backbone. Returns (d, init): the data with the normalization the weights were trained
+    with, and the record of where they came from (the checkpoint's "init")."""
+    init = resume_ck.get("init") if resume_ck is not None else None
+    if resume_ck is None and (a.pretrained or a.init_from):
+        if a.pretrained:
+            state, init = models.torchvision_weights(a.model, a.pretrained, d.image_size)
+        else:
+            state, init = checkpoint.load_init(a.init_from)
+        line = models.load_transfer(model, models.upgrade_state_dict(a.model, state), new_head=bool(a.pretrained))
+        if verbose:
+            print(f"init from {init.get('weights') or init['source']}: {line}", flush=True)
+            if a.pretrained and d.image_size < TRANSFER_WARN_SIZE:
+                print(f"warning: {init['weights']} was trained on {init['image_size']} px images; at "
+                      f"{d.image_size} px the network's last stages see maps of 1-2 px: for better "
+                      f"transfer pass --image-size {init['image_size']} (README: fine-tune)", file=sys.stderr)
+    if init and init.get("mean") and init.get("std"):
+        d = dataclasses.replace(d, mean=tuple(models.for_channels(init["mean"], d.in_channels)),
+                                std=tuple(models.for_channels(init["std"], d.in_channels)))
+    if a.freeze_backbone:
+        trainable = models.freeze_backbone(model)
+        if verbose:
+            print(f"frozen backbone: training {', '.join(trainable)} only", flush=True)
+    return d, init
+
+
 def setup_distributed():
     """(rank, world_size, local_rank); initialises the process group under torchrun."""
     if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", 1)) == 1:
@@ -268,10 +334,18 @@ def setup_distributed():
 
 def build_optimizer(model, a, device):
     # No weight decay on BatchNorm/bias parameters (1-D tensors), as in most modern recipes.
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": a.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
+    # Frozen parameters (--freeze-backbone) stay out; --backbone-lr-scale F: the head's groups
+    # first at --lr, then the backbone's at F x --lr (Schedule scales every group alike).
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    parts = [(params, a.lr)]
+    scale = getattr(a, "backbone_lr_scale", None)
+    if scale and scale != 1:
+        heads = tuple(h + "." for h in models.head_names(model))
+        parts = [([(n, p) for n, p in params if n.startswith(heads)], a.lr),
+                 ([(n, p) for n, p in params if not n.startswith(heads)], a.lr * scale)]
+    groups = [g for part, lr in parts for g in (
+        {"params": [p for _, p in part if p.ndim > 1], "weight_decay": a.weight_decay, "lr": lr},
+        {"params": [p for _, p in part if p.ndim <= 1], "weight_decay": 0.0, "lr": lr}) if g["params"]]
     fused = {"fused": True} if device.type == "cuda" else {}
     if a.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=a.lr, momentum=a.momentum,
@@ -621,7 +695,7 @@ def restore_state(ck, path, optimizer, schedule, scaler, ema, device):
         scaler.load_state_dict(ck["scaler"])
         part = "ema"
         if ema is not None and ck.get("ema") is not None:
-            ema.module.load_state_dict(ck["ema"])
+            ema.module.load_state_dict(models.upgrade_state_dict(ck["model_name"], ck["ema"]))
         part = "rng"
         torch.set_rng_state(ck["rng"]["torch"])
         if device.type == "cuda" and ck["rng"].get("cuda"):
@@ -733,6 +807,7 @@ def main(args):
         raise ValueError("--model and --dataset are required (or --resume CKPT)")
     a = resolve_args(args)
     check_args(a)
+    check_transfer_args(a)
 
     rank, world, local_rank = setup_distributed()
     device = pick_device(a.device)
@@ -761,8 +836,11 @@ def main(args):
     if resume_ck is not None:
         check_resume_data(resume_ck, d, a.resume, a.data_dir)
     opts = model_options(a)
+    if a.pretrained:  # torchvision's layout: ImageNet stem, VGG's paper head, GoogLeNet's 3x3 kernel
+        opts = models.pretrained_options(a.model, opts)
     model = models.build_model(a.model, d.num_classes, d.in_channels, d.image_size, **opts)
     check_image_size(model, a.model, opts, d.num_classes, d.in_channels, d.image_size)
+    d, init = init_weights(model, a, d, resume_ck, verbose=rank == 0)
     mem = torch.channels_last if a.channels_last else torch.contiguous_format
 
     loader_kw = dict(mean=d.mean, std=d.std, device=device, channels_last=a.channels_last,
@@ -775,7 +853,7 @@ def main(args):
     test_loader = data.make_loader(d.test, batch_size=eval_bs, train=False, **loader_kw)
 
     if resume_ck is not None:
-        checkpoint.load_weights(model, resume_ck["model"], resume_ck["model_name"],
+        checkpoint.load_weights(model, models.upgrade_state_dict(a.model, resume_ck["model"]), resume_ck["model_name"],
                                 f"cannot resume {a.resume}: its weights")
     model = model.to(device, memory_format=mem)
     optimizer = build_optimizer(model, a, device)
@@ -817,7 +895,7 @@ def main(args):
             config = {k: plain(v) for k, v in vars(a).items()}
             config.update(model_options=opts, num_classes=d.num_classes, in_channels=d.in_channels,
                           image_size=d.image_size, classes=d.classes, mean=list(d.mean),
-                          std=list(d.std), device=str(device), world_size=world,
+                          std=list(d.std), init=init, device=str(device), world_size=world,
                           amp_dtype=str(amp_dtype), torch=torch.__version__,
                           train_samples=len(d.train), val_samples=len(d.val) if d.val else 0,
                           test_samples=len(d.test))
@@ -875,7 +953,7 @@ def main(args):
                 scaler=scaler.state_dict(),
                 rng={"torch": torch.get_rng_state(),
                      "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else []},
-                history=history)
+                history=history, init=init)
             # last.pt first, then best.pt as a second name for the same file (one write). A kill
             # in between leaves best.pt an epoch behind: repair_best() fixes it on resume.
             checkpoint.save(ck, out / "last.pt")

@@ -186,7 +186,7 @@ def test_googlenet_residual_variants():
     with torch.no_grad():
         ref = base(x)
         assert not torch.allclose(identity(x), ref) and not torch.allclose(projection(x), ref)
-    assert models.build_model("googlenet", 10, residual=True).inception4bcd[0].shortcut is not None
+    assert models.build_model("googlenet", 10, residual=True).inception4b.shortcut is not None
 
 
 # --------------------------------------------------------------------------- ResNet
@@ -203,7 +203,7 @@ def test_plain_changes_forward_with_same_weights(name):
 
 def test_bottleneck_stride_on_3x3():
     model = on_meta(lambda: models.build_model("resnet50", 1000, 3, 224))
-    strided = [m.kernel_size for m in model.stages.modules()
+    strided = [m.kernel_size for layer in model.stages() for m in layer.modules()
                if isinstance(m, nn.Conv2d) and m.stride == (2, 2)]
     assert strided.count((3, 3)) == 3 and strided.count((1, 1)) == 3  # 3 downsampling blocks + projections
 
@@ -219,7 +219,7 @@ def test_zero_init_residual_makes_branches_start_silent(name):
             before = model(x)
             for block in model.modules():
                 if isinstance(block, models.Block):
-                    block.residual[0].weight.add_(torch.randn_like(block.residual[0].weight))
+                    block.conv1.weight.add_(torch.randn_like(block.conv1.weight))
             return before, model(x)
 
     before, after = outputs(True)
