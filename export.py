@@ -4,6 +4,7 @@
     python export.py runs/demo/best.pt --check --benchmark      # parity + latency table (+ .benchmark.json)
     python export.py runs/demo/best.pt --format aoti            # -> best.pt2 + best.pt2.meta for cpp/classify
     python export.py best.pt --device cuda --benchmark --batch-sizes 1 256 --fp16   # on a GPU
+    python export.py runs/demo/best.pt --int8 --check --benchmark  # + best.int8.onnx, calibrated on 512 train images
 
 ONNX: torch.onnx.export(dynamo=True) (torch.export + onnxscript; the TorchScript exporter is
 deprecated) of the eval-mode model (GoogLeNet's aux heads are not in the graph), input "input"
@@ -11,13 +12,18 @@ N x C x H x W float32, output "logits" N x num_classes, batch axis dynamic unles
 (then N = 1). One self-contained file unless the weights pass 2 GB (then <name>.onnx.data beside
 it). model.metadata_props hold model_name, model_options, classes (JSON), mean, std, image_size,
 in_channels, num_classes. --fp16: float16 weights and math inside, float32 input/output (the casts
-are graph nodes), file <stem>.fp16.onnx.
+are graph nodes), file <stem>.fp16.onnx. --int8: also <stem>.int8.onnx, static post-training
+quantization by onnxruntime (QDQ, per-channel int8 weights, uint8 activations) calibrated on
+--calibration N training images of the checkpoint's dataset (never test images); same metadata,
+precision int8.
 
 --check: onnxruntime (and the .pt2) vs PyTorch eager fp32 on random inputs and on real test
 images of the checkpoint's dataset when they are on disk; fails (exit 1) when max |diff| / max
 |logit| passes --tolerance. --benchmark: PyTorch eager, torch.compile (compile time apart) and
 onnxruntime with an explicit provider (TensorRT > CUDA > CPU; CUDA: exhaustive cuDNN search,
 I/O bound on the device, CUDA graphs), median/p90 latency and images/s as a table and JSON.
+With --int8, --check also gives fp32 and int8 top-1 on the test split and their agreement, and
+--benchmark times the int8 model beside the others.
 """
 import argparse
 import copy
@@ -25,6 +31,7 @@ import ctypes
 import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -247,6 +254,124 @@ def check(runners, model, ck, args, device):
         raise ValueError("check failed: " + "; ".join(failures))
 
 
+# --------------------------------------------------------------------------- int8
+CALIBRATION_BATCH = 64
+
+
+def int8_data(ck, args):
+    """The checkpoint's dataset with up to --calibration training images (a stratified sample, as
+    --limit-train picks it) and the test split evaluate.py uses. ValueError (one line) when the
+    training images are not on disk: int8 ranges from anything else would be a guess."""
+    a = ck.get("args") or {}
+    name = a.get("dataset")
+    hint = "or pass --random-calibration to calibrate on random inputs (lower int8 accuracy)"
+    if not name:
+        raise ValueError(f"--int8: the checkpoint does not record its dataset, so there are no training images to "
+                         f"calibrate on; {hint}")
+    data_dir = args.data_dir or a.get("data_dir") or "data"
+    try:
+        return load_data(name, data_dir, image_size=ck["image_size"], channels=ck["in_channels"],
+                         val_split=a.get("val_split") or 0.0, limit_train=args.calibration,
+                         limit_test=a.get("limit_test"), seed=a.get("seed") or 0, download=False)
+    except (ValueError, OSError) as e:
+        raise ValueError(f"--int8: no {name} training images to calibrate on ({str(e).splitlines()[0]}); "
+                         f"point --data-dir at them, {hint}") from None
+
+
+def normalized_batches(split, ck, batch_size):
+    """float32 numpy batches (x, labels) of a split, normalized exactly as training normalizes."""
+    loader = make_loader(split, mean=ck["mean"], std=ck["std"], batch_size=batch_size, train=False, workers=0,
+                         image_size=ck["image_size"])
+    for x, y in loader:
+        yield x.cpu().numpy(), y.cpu().numpy()
+
+
+def calibration_batches(ck, args, data):
+    """(list of float32 N x C x H x W batches, description for the metadata)."""
+    if data is None:  # --random-calibration
+        c, s, n = ck["in_channels"], ck["image_size"], args.calibration
+        x = np.random.default_rng(0).standard_normal((n, c, s, s), dtype=np.float32)
+        return list(np.split(x, range(CALIBRATION_BATCH, n, CALIBRATION_BATCH))), \
+            f"RANDOM: {n} standard normal inputs, not data (--random-calibration)"
+    batches = [x for x, _ in normalized_batches(data.train, ck, CALIBRATION_BATCH)]
+    n = sum(len(x) for x in batches)
+    if n < args.calibration:
+        print(f"note: {data.name} has {n} training images; calibrating on all of them")
+    return batches, f"{data.name} train split, {n} images"
+
+
+def quantize_int8(onnx_path, int8_path, batches, calibration):
+    """Static post-training quantization of the fp32 ONNX file with onnxruntime: its pre-processing
+    (symbolic shape inference, graph optimization) first, then QDQ nodes around every Conv/Gemm with
+    per-channel int8 weights and uint8 activations, activation ranges (min/max) from `batches`.
+    uint8 activations x int8 weights is the pair x86 CPUs run fastest (VPMADDUBSW / AVX-512 VNNI);
+    int8 x int8 ran slower than fp32 on the development CPU. The fp32 file's metadata is carried
+    over with precision int8 and the calibration data named."""
+    import onnx
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter(batches)
+
+        def get_next(self):
+            x = next(self.batches, None)
+            return None if x is None else {"input": x}
+
+    int8_path = Path(int8_path)
+    with tempfile.TemporaryDirectory(prefix=".int8-", dir=int8_path.parent) as tmp:
+        pre, out = Path(tmp) / "pre.onnx", Path(tmp) / "int8.onnx"
+        quant_pre_process(str(onnx_path), str(pre))
+        quantize_static(pre, out, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+        model = onnx.load(str(out))
+        props = {p.key: p.value for p in onnx.load(str(onnx_path), load_external_data=False).metadata_props}
+        props.update(precision="int8", calibration=calibration)
+        del model.metadata_props[:]
+        for key, value in props.items():
+            entry = model.metadata_props.add()
+            entry.key, entry.value = key, value
+        onnx.save(model, str(out))
+        os.replace(out, int8_path)  # same folder: atomic, no half-written file on failure
+    return int8_path
+
+
+def check_int8(onnx_path, int8_path, ck, args, data, provider, threads):
+    """fp32 and int8 ONNX side by side: top-1 of each on the test split and how often they agree
+    (random inputs, agreement only, when no test images are on disk). ValueError when int8 loses
+    more than --int8-max-drop points of top-1."""
+    fp32 = ort_session(onnx_path, provider, threads=threads, exact=True)
+    int8 = ort_session(int8_path, provider, threads=threads)
+    run = lambda sess, x: sess.run(["logits"], {"input": x})[0].argmax(1)
+    if data is None:
+        try:
+            data = int8_data(ck, args)
+        except ValueError:
+            pass
+    if data is None or not len(data.test):
+        x = np.random.default_rng(0).standard_normal((64, ck["in_channels"], ck["image_size"], ck["image_size"]),
+                                                     dtype=np.float32)
+        agree = (run(fp32, x) == run(int8, x)).mean()
+        print("note: no test images for the int8 check; random inputs only")
+        print(f"check int8 random (64 inputs): top-1 agreement with fp32 {agree:.2%}")
+        return
+    n = agree = right32 = right8 = 0
+    batch = 1 if not args.dynamic_batch else 256
+    for x, y in normalized_batches(data.test, ck, batch):
+        p32, p8 = run(fp32, x), run(int8, x)
+        n, agree = n + len(y), agree + (p32 == p8).sum()
+        right32, right8 = right32 + (p32 == y).sum(), right8 + (p8 == y).sum()
+    top32, top8 = right32 / n, right8 / n
+    drop = 100 * (top32 - top8)
+    ok = drop <= args.int8_max_drop
+    print(f"check int8 on {n} {data.name} test images: top-1 fp32 {top32:.2%}, int8 {top8:.2%} "
+          f"({100 * (top8 - top32):+.2f} points), agreement {agree / n:.2%}  {'ok' if ok else 'FAIL'}")
+    if not ok:
+        raise ValueError(f"check failed: int8 top-1 {top8:.2%} is {drop:.2f} points below fp32 {top32:.2%} "
+                         f"(--int8-max-drop {args.int8_max_drop:g})")
+
+
 # --------------------------------------------------------------------------- benchmark
 def build_and_run_once(make, x, sync):
     """(runner, seconds to build it and run it once): compile, session creation, engine build."""
@@ -257,9 +382,10 @@ def build_and_run_once(make, x, sync):
     return runner, round(time.perf_counter() - t, 2)
 
 
-def benchmark(model, info, onnx_path, aoti_path, args, device, provider, threads, rounds=5):
+def benchmark(model, info, onnx_path, aoti_path, args, device, provider, threads, rounds=5, int8_path=None):
     """Rows of {runtime, batch, median_ms, p90_ms, images_per_second, setup_s}. The runtimes take
-    turns, `rounds` times, so that load from elsewhere on the machine slows them alike."""
+    turns, `rounds` times, so that load from elsewhere on the machine slows them alike. int8_path:
+    the quantized model too, as `onnxruntime <provider> int8`."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     module = (Float16(model) if args.fp16 else copy.deepcopy(model)).to(device)
     ort_name = f"onnxruntime {provider}"
@@ -285,6 +411,18 @@ def benchmark(model, info, onnx_path, aoti_path, args, device, provider, threads
                     raise
                 print(f"note: {provider} with CUDA graphs failed ({str(e).splitlines()[0][:150]}); timing without")
                 runners[ort_name], setup[ort_name] = build_and_run_once(lambda: make(None), x, sync)
+            if int8_path is not None:
+                make8 = lambda shape: OrtRunner(ort_session(int8_path, provider, threads=threads, batch_shape=shape))
+                try:
+                    runners[f"{ort_name} int8"], setup[f"{ort_name} int8"] = build_and_run_once(
+                        lambda: make8(fixed), x, sync)
+                except Exception as e:
+                    if fixed is None:
+                        raise
+                    print(f"note: int8 on {provider} with CUDA graphs failed ({str(e).splitlines()[0][:150]}); "
+                          "timing without")
+                    runners[f"{ort_name} int8"], setup[f"{ort_name} int8"] = build_and_run_once(
+                        lambda: make8(None), x, sync)
             times = {name: [] for name in runners}
             for name, fn in runners.items():
                 for _ in range(args.warmup):
@@ -311,6 +449,13 @@ def print_table(rows):
 
 
 # --------------------------------------------------------------------------- main
+def positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive integer")
+    return value
+
+
 def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__.split("\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -324,6 +469,15 @@ def get_args_parser():
     batch.add_argument("--dynamic-batch", action="store_true", default=True, help="dynamic batch axis (default)")
     batch.add_argument("--static-batch", dest="dynamic_batch", action="store_false", help="batch axis fixed to 1")
     p.add_argument("--fp16", action="store_true", help="float16 model with float32 input/output")
+    p.add_argument("--int8", action="store_true", help="also <stem>.int8.onnx: static int8 quantization (QDQ, "
+                   "per-channel weights) calibrated on training images of the checkpoint's dataset")
+    p.add_argument("--calibration", type=positive_int, default=512, metavar="N",
+                   help="training images that calibrate --int8 (a stratified sample; never test images)")
+    p.add_argument("--random-calibration", action="store_true",
+                   help="--int8 without the training data: calibrate on random inputs (marked as such in the "
+                        "output and the metadata; expect lower accuracy)")
+    p.add_argument("--int8-max-drop", type=float, default=1.0, metavar="POINTS",
+                   help="--check fails when int8 top-1 is more than this many points below fp32")
     p.add_argument("--ema", action="store_true", help="export the EMA weights when the checkpoint has them")
     p.add_argument("--check", action="store_true", help="compare outputs with PyTorch (exit 1 past --tolerance)")
     p.add_argument("--tolerance", type=float, default=None,
@@ -360,6 +514,10 @@ def main(args):
     if args.benchmark and not args.dynamic_batch and args.batch_sizes != [1]:
         print("note: --static-batch exports batch 1; benchmarking batch 1 only")
         args.batch_sizes = [1]
+    if args.int8 and (args.fp16 or args.format == "aoti"):
+        raise ValueError("--int8 quantizes the fp32 ONNX export: drop --fp16 and use --format onnx or all")
+    if args.random_calibration and not args.int8:
+        raise ValueError("--random-calibration calibrates --int8: add --int8")
     if args.opset < 18:
         raise ValueError(f"--opset {args.opset}: the torch.export-based exporter writes opset 18 or later")
     device = pick_device(args.device)
@@ -369,6 +527,8 @@ def main(args):
     model = model_from_checkpoint(ck, ema=args.ema)  # eval mode, CPU
     info = model_info(ck)
     paths = output_paths(args)
+    # Before anything is written: refuse --int8 when there is nothing to calibrate on.
+    data8 = int8_data(ck, args) if args.int8 and not args.random_calibration else None
     for p in paths.values():
         p.parent.mkdir(parents=True, exist_ok=True)
     provider = pick_provider(args.provider, device)
@@ -384,6 +544,18 @@ def main(args):
         where = f" (weights > 2 GB: in {external})" if external else " (self-contained)"
         print(f"wrote {onnx_path}{where}: {info['model_name']}, opset {args.opset}, {batch_note}, "
               f"{'fp16' if args.fp16 else 'fp32'}, {time.perf_counter() - t:.1f} s")
+    int8_path = None
+    if args.int8:
+        if external:
+            raise ValueError("--int8: models with weights over 2 GB are not supported")
+        t = time.perf_counter()
+        batches, calibration = calibration_batches(ck, args, data8)
+        if args.random_calibration:
+            print("WARNING: int8 calibrated on RANDOM inputs, not data (--random-calibration): activation ranges "
+                  "are a guess and accuracy will suffer; the metadata says so")
+        int8_path = quantize_int8(onnx_path, onnx_path.with_name(onnx_path.stem + ".int8.onnx"), batches, calibration)
+        print(f"wrote {int8_path}: int8 (QDQ, per-channel int8 weights, uint8 activations), calibration: "
+              f"{calibration}, {time.perf_counter() - t:.1f} s")
     aoti_path = paths.get("aoti")
     if aoti_path:
         t = time.perf_counter()
@@ -398,8 +570,10 @@ def main(args):
             runners["aoti"] = torch._inductor.aoti_load_package(str(aoti_path))
         with torch.inference_mode():
             check(runners, model, ck, args, device)
+        if int8_path:
+            check_int8(onnx_path, int8_path, ck, args, data8, provider, threads)
     if args.benchmark:
-        rows = benchmark(model, info, onnx_path, aoti_path, args, device, provider, threads)
+        rows = benchmark(model, info, onnx_path, aoti_path, args, device, provider, threads, int8_path=int8_path)
         print_table(rows)
         report = {"checkpoint": str(args.checkpoint), "onnx": str(onnx_path), "model": info["model_name"],
                   "input_shape": [info["in_channels"], info["image_size"], info["image_size"]],
@@ -407,6 +581,8 @@ def main(args):
                   "torch": torch.__version__, "onnxruntime": ort.__version__, "provider": provider,
                   "intra_op_threads": threads if device.type == "cpu" else None,
                   "warmup": args.warmup, "repeats": args.repeats, "results": rows}
+        if int8_path:
+            report.update(int8_onnx=str(int8_path), int8_calibration=calibration)
         json_path = onnx_path.with_suffix(".benchmark.json")
         json_path.write_text(json.dumps(report, indent=2) + "\n")
         print(f"wrote {json_path}")

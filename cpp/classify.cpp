@@ -1,19 +1,29 @@
 // classify: top-5 classes of PPM/PGM images with an AOTInductor package from export.py.
 //
 //   python export.py runs/x/best.pt --format aoti          # writes best.pt2 and best.pt2.meta
-//   build/cpp/classify runs/x/best.pt2 cat.ppm dog.ppm [--meta FILE] [--device cpu|cuda]
+//   build/cpp/classify runs/x/best.pt2 cat.ppm dog.ppm [--meta FILE] [--device cpu|cuda] [--dump-input FILE]
 //
 // Prints one line per (image, rank):  <image>\t<rank>\t<class index>\t<class name>\t<probability>
-// Each image is read as binary PPM (P6) or PGM (P5), converted to the model's channel count,
-// resized with antialiased bilinear interpolation (torchvision's / PIL's filter, so it matches
-// F.interpolate(mode="bilinear", antialias=True)), normalized with the training mean/std, and
-// run as a batch of one. No image library: convert other formats first, e.g.
-// `convert photo.jpg photo.ppm` (ImageMagick) or `python -c "from PIL import Image; ..."`.
+// Each image is read as binary PPM (P6) or PGM (P5) into a uint8 tensor and preprocessed as
+// data.py does, with the same ATen ops: antialiased bilinear resize of the uint8 image
+// (at::_upsample_bilinear2d_aa, what torchvision's resize runs), then the channel conversion
+// (gray -> RGB by repetition, RGB -> gray by PIL's fixed-point luminance), then
+// (x / 255 - mean) / std in float32. So the network input is bit-identical to data.py's for the
+// same pixels. Run as a batch of one per image. --dump-input FILE writes those network inputs
+// (float32, little-endian, N x C x S x S in image order) for checking. No image library: convert
+// other formats first, e.g. `python -c "from PIL import Image; Image.open('a.jpg').save('a.ppm')"`.
 #include <ATen/ATen.h>
 #include <torch/csrc/inductor/aoti_package/model_package_loader.h>
 
+#ifdef _WIN32
+#include <windows.h>
+#else
+#include <dlfcn.h>
+#endif
+
 #include <algorithm>
-#include <cmath>
+#include <cctype>
+#include <cstdint>
 #include <cstdio>
 #include <fstream>
 #include <iostream>
@@ -30,11 +40,6 @@ struct Meta {
   std::vector<float> mean, std;
   std::vector<std::string> classes;
   std::string device = "cpu";
-};
-
-struct Image {  // planar float image in [0, 1]: C x H x W
-  int channels = 0, height = 0, width = 0;
-  std::vector<float> data;
 };
 
 // Sidecar written by export.py: one `key value` per line; `class NAME` lines in class order.
@@ -80,136 +85,96 @@ std::string pnm_token(std::istream& f) {
   return tok;
 }
 
-Image read_pnm(const std::string& path) {
+// A binary PNM file as a uint8 tensor C x H x W. 16-bit samples keep their high byte (as
+// torchvision decodes 16-bit PNGs); other maxvals are rescaled to 0..255 with rounding.
+at::Tensor read_pnm(const std::string& path) {
   std::ifstream f(path, std::ios::binary);
   if (!f) throw std::runtime_error("cannot open image " + path);
   const std::string magic = pnm_token(f);
   if (magic != "P6" && magic != "P5")
     throw std::runtime_error(path + ": not a binary PPM (P6) or PGM (P5) file");
-  Image img;
-  img.channels = magic == "P6" ? 3 : 1;
-  int maxval = 0;
+  const int channels = magic == "P6" ? 3 : 1;
+  int width = 0, height = 0, maxval = 0;
   try {
-    img.width = std::stoi(pnm_token(f));
-    img.height = std::stoi(pnm_token(f));
+    width = std::stoi(pnm_token(f));
+    height = std::stoi(pnm_token(f));
     maxval = std::stoi(pnm_token(f));  // the single whitespace after it was consumed
   } catch (const std::exception&) {
     throw std::runtime_error(path + ": bad PNM header");
   }
-  if (img.width <= 0 || img.height <= 0 || maxval <= 0 || maxval > 65535)
+  if (width <= 0 || height <= 0 || maxval <= 0 || maxval > 65535)
     throw std::runtime_error(path + ": bad PNM header");
-  const size_t pixels = (size_t)img.width * img.height, bytes = maxval > 255 ? 2 : 1;
-  std::vector<unsigned char> raw(pixels * img.channels * bytes);
+  const size_t samples = (size_t)width * height * channels, bytes = maxval > 255 ? 2 : 1;
+  std::vector<unsigned char> raw(samples * bytes);
   if (!f.read(reinterpret_cast<char*>(raw.data()), raw.size()))
     throw std::runtime_error(path + ": truncated image data");
-  img.data.resize(raw.size() / bytes);
-  for (size_t i = 0; i < pixels; ++i)  // interleaved HWC -> planar CHW
-    for (int c = 0; c < img.channels; ++c) {
-      const size_t j = (i * img.channels + c) * bytes;
-      const int v = bytes == 2 ? (raw[j] << 8 | raw[j + 1]) : raw[j];  // 16-bit PNM is big-endian
-      img.data[c * pixels + i] = (float)v / maxval;
-    }
-  return img;
-}
-
-// RGB -> gray with PIL's luminance weights (as data.py); gray -> RGB repeats the plane.
-Image convert_channels(const Image& img, int channels) {
-  if (img.channels == channels) return img;
-  const size_t pixels = (size_t)img.width * img.height;
-  Image out{channels, img.height, img.width, std::vector<float>(pixels * channels)};
-  if (channels == 1 && img.channels == 3) {
-    for (size_t i = 0; i < pixels; ++i)
-      out.data[i] = 0.299f * img.data[i] + 0.587f * img.data[pixels + i] + 0.114f * img.data[2 * pixels + i];
-  } else if (img.channels == 1) {
-    for (int c = 0; c < channels; ++c) std::copy(img.data.begin(), img.data.end(), out.data.begin() + c * pixels);
-  } else {
-    throw std::runtime_error("cannot convert a " + std::to_string(img.channels) + "-channel image to " +
-                             std::to_string(channels) + " channels");
+  at::Tensor hwc = at::empty({height, width, channels}, at::kByte);
+  uint8_t* p = hwc.data_ptr<uint8_t>();
+  for (size_t i = 0; i < samples; ++i) {
+    const unsigned v = bytes == 2 ? (raw[2 * i] << 8 | raw[2 * i + 1]) : raw[i];  // 16-bit PNM is big-endian
+    p[i] = maxval == 255 ? v : maxval == 65535 ? v >> 8 : (v * 255 + maxval / 2) / maxval;
   }
-  return out;
+  return hwc.permute({2, 0, 1}).contiguous();  // interleaved H x W x C -> planar C x H x W
 }
 
-// Weights of a 1-D antialiased bilinear (triangle) resampling from `in` to `out` samples, as in
-// PIL / ATen's _upsample_bilinear2d_aa: the triangle is widened by the scale when shrinking.
-struct Taps { std::vector<int> start, count; std::vector<std::vector<float>> w; };
-Taps triangle_taps(int in, int out) {
-  const double scale = (double)in / out, support = scale > 1.0 ? scale : 1.0;
-  Taps t;
-  for (int i = 0; i < out; ++i) {
-    const double center = (i + 0.5) * scale;
-    const int lo = std::max(0, (int)(center - support + 0.5));
-    const int hi = std::min(in, (int)(center + support + 0.5));
-    std::vector<float> w;
-    double total = 0.0;
-    for (int j = lo; j < hi; ++j) {
-      const double x = std::abs((j - center + 0.5) / support);
-      w.push_back((float)std::max(0.0, 1.0 - x));
-      total += w.back();
-    }
-    for (auto& v : w) v = total > 0 ? (float)(v / total) : 0.f;
-    t.start.push_back(lo);
-    t.count.push_back(hi - lo);
-    t.w.push_back(w);
+// data._convert_channels: gray -> RGB repeats the plane; RGB -> gray is PIL's convert('L') in its
+// fixed point, L = (R * 19595 + G * 38470 + B * 7471 + 0x8000) >> 16.
+at::Tensor convert_channels(const at::Tensor& img, int channels) {
+  const int64_t c = img.size(0);
+  if (c == channels) return img;
+  if (c == 1 && channels == 3) return img.repeat({3, 1, 1});
+  if (c == 3 && channels == 1) {
+    const at::Tensor w = img.to(at::kInt);
+    const at::Tensor lum = (w[0] * 19595 + w[1] * 38470 + w[2] * 7471 + 0x8000).bitwise_right_shift(16);
+    return lum.to(at::kByte).unsqueeze(0);
   }
-  return t;
+  throw std::runtime_error("cannot convert a " + std::to_string(c) + "-channel image to " +
+                           std::to_string(channels) + " channels");
 }
 
-Image resize(const Image& img, int size) {
-  if (img.height == size && img.width == size) return img;
-  const Taps tx = triangle_taps(img.width, size), ty = triangle_taps(img.height, size);
-  Image tmp{img.channels, img.height, size, std::vector<float>((size_t)img.channels * img.height * size)};
-  Image out{img.channels, size, size, std::vector<float>((size_t)img.channels * size * size)};
-  for (int c = 0; c < img.channels; ++c) {
-    const float* src = img.data.data() + (size_t)c * img.height * img.width;
-    float* mid = tmp.data.data() + (size_t)c * img.height * size;
-    for (int y = 0; y < img.height; ++y)  // horizontal pass
-      for (int x = 0; x < size; ++x) {
-        float acc = 0.f;
-        for (int k = 0; k < tx.count[x]; ++k) acc += tx.w[x][k] * src[(size_t)y * img.width + tx.start[x] + k];
-        mid[(size_t)y * size + x] = acc;
-      }
-    float* dst = out.data.data() + (size_t)c * size * size;
-    for (int y = 0; y < size; ++y)  // vertical pass
-      for (int x = 0; x < size; ++x) {
-        float acc = 0.f;
-        for (int k = 0; k < ty.count[y]; ++k) acc += ty.w[y][k] * mid[(size_t)(ty.start[y] + k) * size + x];
-        dst[(size_t)y * size + x] = acc;
-      }
-  }
-  return out;
-}
-
-Image to_8bit(Image img) {
-  for (auto& v : img.data) v = std::round(std::clamp(v, 0.f, 1.f) * 255.f) / 255.f;
-  return img;
-}
-
+// The network input for one image, 1 x C x S x S float32, as data.py computes it: resize the uint8
+// image with torch's antialiased bilinear kernel (F.interpolate(uint8, antialias=True), which
+// torchvision's resize calls), convert channels, normalize.
 at::Tensor preprocess(const std::string& path, const Meta& m) {
-  // The order and the 8-bit rounding after each step follow data.py, which works on uint8 images.
-  const Image img = to_8bit(convert_channels(to_8bit(resize(read_pnm(path), m.image_size)), m.in_channels));
-  at::Tensor x = at::empty({1, m.in_channels, m.image_size, m.image_size}, at::kFloat);  // 1 x C x S x S
-  float* p = x.data_ptr<float>();
-  const size_t plane = (size_t)m.image_size * m.image_size;
-  for (int c = 0; c < m.in_channels; ++c)
-    for (size_t i = 0; i < plane; ++i) p[c * plane + i] = (img.data[c * plane + i] - m.mean[c]) / m.std[c];
-  return x;
+  at::Tensor x = read_pnm(path).unsqueeze(0);  // 1 x C x H x W uint8
+  if (x.size(2) != m.image_size || x.size(3) != m.image_size)
+    x = at::_upsample_bilinear2d_aa(x, {m.image_size, m.image_size}, /*align_corners=*/false);
+  x = convert_channels(x[0], m.in_channels).unsqueeze(0);
+  const at::Tensor mean = at::tensor(m.mean, at::kFloat).view({1, -1, 1, 1});
+  const at::Tensor std = at::tensor(m.std, at::kFloat).view({1, -1, 1, 1});
+  return x.to(at::kFloat).div_(255).sub_(mean).div_(std).contiguous();
+}
+
+// libtorch.so is torch's umbrella library: the package's compiled code needs it by name, and in
+// CUDA builds loading it loads libtorch_cuda, which registers the CUDA kernels and the CUDA
+// package runner. Nothing here references it by symbol, so a linker that drops unreferenced
+// libraries (GNU ld with --as-needed, a common default) leaves it out of the binary; keeping it
+// would take linker-specific flags. So it is loaded at run time, through the binary's RPATH.
+void load_libtorch() {
+#ifdef _WIN32
+  if (!LoadLibraryA("torch.dll")) throw std::runtime_error("cannot load torch.dll");
+#else
+  if (!dlopen("libtorch.so", RTLD_NOW | RTLD_GLOBAL))
+    throw std::runtime_error(std::string("cannot load libtorch.so: ") + dlerror());
+#endif
 }
 
 int usage() {
-  std::cerr << "usage: classify MODEL.pt2 IMAGE.ppm [IMAGE ...] [--meta FILE] [--device cpu|cuda]\n";
+  std::cerr << "usage: classify MODEL.pt2 IMAGE.ppm [IMAGE ...] [--meta FILE] [--device cpu|cuda] "
+               "[--dump-input FILE]\n";
   return 2;
 }
 
 }  // namespace
 
 int main(int argc, char** argv) {
-  std::string model, meta_path, device;
+  std::string model, meta_path, device, dump_path;
   std::vector<std::string> images;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
-    if (a == "--meta" || a == "--device") {
+    if (a == "--meta" || a == "--device" || a == "--dump-input") {
       if (i + 1 >= argc) return usage();
-      (a == "--meta" ? meta_path : device) = argv[++i];
+      (a == "--meta" ? meta_path : a == "--device" ? device : dump_path) = argv[++i];
     } else if (a == "-h" || a == "--help" || (a.size() > 1 && a[0] == '-')) {
       return usage();
     } else if (model.empty()) {
@@ -223,10 +188,19 @@ int main(int argc, char** argv) {
   try {
     const Meta meta = read_meta(meta_path);
     if (device.empty()) device = meta.device;  // the package runs on the device it was compiled for
+    load_libtorch();
+    std::ofstream dump;
+    if (!dump_path.empty()) {
+      dump.open(dump_path, std::ios::binary | std::ios::trunc);
+      if (!dump) throw std::runtime_error("cannot write " + dump_path);
+    }
     torch::inductor::AOTIModelPackageLoader loader(model);
     const int k = std::min<int>(5, (int)meta.classes.size());
     for (const auto& path : images) {
-      at::Tensor x = preprocess(path, meta).to(at::Device(device));
+      at::Tensor x = preprocess(path, meta);
+      if (dump.is_open() && !dump.write(reinterpret_cast<const char*>(x.const_data_ptr<float>()), x.nbytes()))
+        throw std::runtime_error("cannot write " + dump_path);
+      x = x.to(at::Device(device));
       at::Tensor logits = loader.run({x})[0].to(at::kCPU).to(at::kFloat);  // 1 x num_classes
       if (logits.size(-1) != (int64_t)meta.classes.size())
         throw std::runtime_error("model gives " + std::to_string(logits.size(-1)) + " logits but the meta file " +

@@ -13,9 +13,11 @@ import onnxruntime as ort
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 import checkpoint
 import export
+from data import load_data, make_loader
 from models import build_model
 
 REPO = Path(__file__).resolve().parent.parent
@@ -224,3 +226,135 @@ def test_aoti_package_runs_in_cpp(tmp_path, run):
     top = prob.topk(5)
     assert int(lines[0][2]) == top.indices[0].item()
     np.testing.assert_allclose([float(p) for *_, p in lines], top.values.numpy(), atol=2e-3)
+
+    # The network inputs classify computes (--dump-input) equal data.py's for the same pixels, bit
+    # for bit: RGB shrunk and enlarged (then PIL's luminance), gray shrunk, 16-bit gray (high byte).
+    rng = np.random.default_rng(1)
+    smooth = lambda *shape: (np.cumsum(rng.integers(0, 40, shape), axis=1) % 256).astype(np.uint8)
+    images = {"0": smooth(40, 50, 3), "1": smooth(20, 17, 3), "2": smooth(31, 31, 1),
+              "3": smooth(45, 30, 1).astype(np.uint16) * 257 + rng.integers(0, 256, (45, 30, 1)).astype(np.uint16)}
+    folder = tmp_path / "folder"
+    for split in ("train", "test"):
+        (folder / split / "c").mkdir(parents=True)
+    Image.fromarray(smooth(28, 28, 3)).save(folder / "train" / "c" / "0.png")
+    ppms = []
+    for name, a in images.items():
+        ppm = tmp_path / f"{name}.{'ppm' if a.shape[2] == 3 else 'pgm'}"
+        ppms.append(str(ppm))
+        h, w, c = a.shape
+        maxval = 65535 if a.dtype == np.uint16 else 255
+        ppm.write_bytes(f"P{6 if c == 3 else 5}\n{w} {h}\n{maxval}\n".encode() + a.astype(a.dtype.newbyteorder(">")).tobytes())
+        Image.fromarray(a if c == 3 else a[..., 0]).save(folder / "test" / "c" / f"{name}.png")
+    out = subprocess.run([str(build / "classify"), str(tmp_path / "lenet.pt2"), *ppms, "--dump-input",
+                          str(tmp_path / "inputs.f32")], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    dumped = np.fromfile(tmp_path / "inputs.f32", dtype="<f4").reshape(len(ppms), 1, 28, 28)
+    data = load_data("folder", folder, image_size=28, channels=1)
+    assert len(data.test) == len(ppms)
+    x, _ = next(iter(make_loader(data.test, mean=ck["mean"], std=ck["std"], batch_size=len(ppms), train=False,
+                                 workers=0)))
+    np.testing.assert_array_equal(dumped, x.numpy())
+
+
+# --------------------------------------------------------------------------- int8
+def int8_metadata(path):
+    return {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+
+
+def test_int8_quantized_calibrated_on_training_images_checked_and_timed(tmp_path, monkeypatch, capsys):
+    ck, model = make_checkpoint(tmp_path / "m.pt", "resnet20")  # the synthetic dataset: always on disk
+    calibrated_on = []
+    quantize = export.quantize_int8
+
+    def spy(onnx_path, int8_path, batches, calibration):
+        calibrated_on.extend(batches)
+        return quantize(onnx_path, int8_path, batches, calibration)
+
+    monkeypatch.setattr(export, "quantize_int8", spy)
+    export_main(tmp_path / "m.pt", "--int8", "--calibration", "64", "--check", "--int8-max-drop", "100",
+                "--benchmark", "--no-compile", "--batch-sizes", "3", "--warmup", "1", "--repeats", "2",
+                "--threads", "1")
+    out = capsys.readouterr().out
+
+    # Calibrated on 64 training images (the stratified sample --limit-train 64 takes), normalized as
+    # training normalizes them: not test images, not raw pixels.
+    data = load_data("synthetic", limit_train=64)
+    train_x = next(iter(make_loader(data.train, mean=ck["mean"], std=ck["std"], batch_size=64, train=False,
+                                    workers=0)))[0]
+    np.testing.assert_array_equal(np.concatenate(calibrated_on), train_x.numpy())
+
+    # QDQ with per-channel int8 weights and uint8 activations; the fp32 file's metadata plus precision
+    proto = onnx.load(str(tmp_path / "m.int8.onnx"))
+    onnx.checker.check_model(proto)
+    init = {t.name: onnx.numpy_helper.to_array(t) for t in proto.graph.initializer}
+    producer = {o: n for n in proto.graph.node for o in n.output}
+    convs = [n for n in proto.graph.node if n.op_type == "Conv"]
+    assert len(convs) == 19  # resnet20: the stem and 18 in the blocks
+    for conv in convs:
+        dq = producer[conv.input[1]]  # weight <- DequantizeLinear(int8 initializer, per-channel scales)
+        assert dq.op_type == "DequantizeLinear" and init[dq.input[0]].dtype == np.int8
+        assert init[dq.input[1]].shape == (init[dq.input[0]].shape[0],)  # one scale per output channel
+        act = producer[conv.input[0]]  # input <- DequantizeLinear(QuantizeLinear(x)) with uint8 zero point
+        assert act.op_type == "DequantizeLinear" and init[act.input[2]].dtype == np.uint8
+    meta8, meta32 = int8_metadata(tmp_path / "m.int8.onnx"), int8_metadata(tmp_path / "m.onnx")
+    assert meta8 == {**meta32, "precision": "int8", "calibration": "synthetic train split, 64 images"}
+
+    # --check's numbers, recomputed here with onnxruntime on the whole test split
+    test_x, test_y = next(iter(make_loader(data.test, mean=ck["mean"], std=ck["std"], batch_size=len(data.test),
+                                           train=False, workers=0)))
+    p32 = ort_logits(tmp_path / "m.onnx", test_x)
+    p8 = ort_logits(tmp_path / "m.int8.onnx", test_x)
+    top32, top8 = (p32.argmax(1) == test_y.numpy()).mean(), (p8.argmax(1) == test_y.numpy()).mean()
+    agree = (p32.argmax(1) == p8.argmax(1)).mean()
+    assert (f"check int8 on {len(test_y)} synthetic test images: top-1 fp32 {top32:.2%}, int8 {top8:.2%} "
+            f"({100 * (top8 - top32):+.2f} points), agreement {agree:.2%}  ok") in out
+    with torch.no_grad():  # int8 is an approximation of the same model
+        ref = model(test_x).numpy()
+    assert np.abs(p8 - ref).max() <= 0.1 * np.abs(ref).max()
+
+    report = json.loads((tmp_path / "m.benchmark.json").read_text())
+    assert {r["runtime"] for r in report["results"]} == {"pytorch eager", "onnxruntime cpu", "onnxruntime cpu int8"}
+    assert report["int8_calibration"] == "synthetic train split, 64 images"
+    assert "| onnxruntime cpu int8 | 3 |" in out
+
+
+def test_int8_refused_without_calibration_data_unless_random_is_asked(tmp_path, run, capsys):
+    make_checkpoint(tmp_path / "m.pt", "lenet5", 1, 28, dataset="mnist", data_dir=tmp_path / "nowhere")
+    r = run("export.py", tmp_path / "m.pt", "--int8")
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1
+    assert r.stderr.startswith("error: --int8: no mnist training images") and "--random-calibration" in r.stderr
+    assert not list(tmp_path.glob("*.onnx"))  # refused before writing anything
+
+    export_main(tmp_path / "m.pt", "--int8", "--random-calibration", "--calibration", "16", "--check")
+    out = capsys.readouterr().out
+    assert "WARNING: int8 calibrated on RANDOM inputs" in out
+    assert "check int8 random (64 inputs)" in out  # no test images either: agreement on random inputs
+    meta = int8_metadata(tmp_path / "m.int8.onnx")
+    assert meta["precision"] == "int8" and meta["calibration"].startswith("RANDOM: 16 standard normal inputs")
+
+
+def test_int8_check_fails_when_int8_loses_accuracy(tmp_path, monkeypatch):
+    ck, _ = make_checkpoint(tmp_path / "m.pt", "lenet5", 1, 28)
+    export_main(tmp_path / "m.pt", "--int8", "--calibration", "32")
+    args = export.get_args_parser().parse_args([str(tmp_path / "m.pt"), "--int8"])
+    data = export.int8_data(ck, args)
+    fp32 = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    batches = export.normalized_batches
+
+    def labelled_by_fp32(split, ck, batch_size):  # fp32 is right by definition: top-1 100%
+        for x, _ in batches(split, ck, batch_size):
+            yield x, fp32.run(None, {"input": x})[0].argmax(1)
+
+    session = export.ort_session
+
+    def broken_int8(path, *a, **k):  # int8 answering with the logits of the next class
+        sess = session(path, *a, **k)
+        if not str(path).endswith(".int8.onnx"):
+            return sess
+        return type("Rolled", (), {"run": lambda self, names, feed: [np.roll(sess.run(names, feed)[0], 1, 1)]})()
+
+    monkeypatch.setattr(export, "normalized_batches", labelled_by_fp32)
+    monkeypatch.setattr(export, "ort_session", broken_int8)
+    with pytest.raises(ValueError, match=r"check failed: int8 top-1 .* points below fp32 100\.00%") as e:
+        export.check_int8(tmp_path / "m.onnx", tmp_path / "m.int8.onnx", ck, args, data, "cpu", 1)
+    assert "\n" not in str(e.value)
