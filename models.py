@@ -714,7 +714,7 @@ def load_transfer(model, state_dict, new_head=True):
 
     def some(keys):
         return ", ".join(keys[:3]) + (", ..." if len(keys) > 3 else "")
-    missing = [k for k in body if k not in loaded]
+    missing = [k for k in body if k not in state]  # absent from the weights (not skipped ones)
     line = f"loaded {len(loaded)} of {len(own)} tensors"
     line += f"; new head: {', '.join(heads)}" if any(k not in loaded for k in own if _is_head(k, heads)) else ""
     for what, keys in (("left at init (not in the weights)", missing), ("shape mismatches", mismatched),
