@@ -15,6 +15,7 @@ All randomness of an epoch is a pure function of (seed, epoch, rank): set_epoch(
 import argparse
 import gzip
 import hashlib
+import io
 import json
 import os
 import pickle
@@ -23,6 +24,7 @@ import sys
 import tempfile
 import time
 import warnings
+import zlib
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
@@ -38,12 +40,14 @@ import torchvision.transforms.v2 as v2
 import torchvision.transforms.v2.functional as TF
 from torchvision.io import ImageReadMode, decode_image
 
+from runtime import ensure_fits, int_range
+
 AUGMENTS = ("none", "standard", "strong", "autoaugment", "randaugment", "trivialaugment")
 IN_MEMORY_LIMIT = 4 << 30  # folders above this many uint8 bytes use the dataloader path
 SYNTHETIC_TRAIN, SYNTHETIC_TEST = 2560, 512
 POLICY_CHUNK = 16  # tensor path: one AutoAugment/RandAugment/TrivialAugment draw per 16 images
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".webp")
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: the cache holds the sha256 of its images
 
 
 class DataError(ValueError):
@@ -135,6 +139,74 @@ def _read_mnist(folder, root):
     return out
 
 
+class _UnsafePickle(pickle.UnpicklingError):
+    """A pickle that names a global the CIFAR files never contain (it could run code)."""
+
+
+def _reconstruct(subtype, shape, dtype):
+    if subtype is not np.ndarray:  # numpy's own pickles pass exactly ndarray
+        raise _UnsafePickle("numpy _reconstruct of a type other than ndarray")
+    return _NP_RECONSTRUCT(subtype, shape, dtype)
+
+
+def _dtype(*args):
+    d = np.dtype(*args)
+    if d.hasobject:  # an object array would hold whatever the pickle builds
+        raise _UnsafePickle(f"a numpy array of Python objects (dtype {d})")
+    return d
+
+
+def _latin1(s="", encoding="utf-8", errors="strict"):
+    """_codecs.encode as Python 3 protocol-2 pickles use it for bytes: latin-1 only."""
+    if not isinstance(s, str) or encoding not in ("latin1", "latin-1"):
+        raise _UnsafePickle(f"_codecs.encode with encoding {encoding!r}")
+    return s.encode("latin1")
+
+
+def _empty_bytes(*args):
+    if args:  # protocol 2 writes b'' as bytes(); bytes(n) would allocate n bytes
+        raise _UnsafePickle("bytes() with arguments")
+    return b""
+
+
+def _frombuffer(buf, dtype, shape, order, axis_order=None):
+    """numpy's protocol-5 array constructor (numpy._core.numeric._frombuffer), dtype checked."""
+    a = np.frombuffer(buf, dtype=_dtype(dtype))
+    if order == "K" and axis_order is not None:
+        return a.reshape(shape, order="C").transpose(axis_order)
+    return a.reshape(shape, order=order)
+
+
+_NP_RECONSTRUCT = np.ndarray.__reduce__(np.zeros(0))[0]  # numpy.(_)core.multiarray._reconstruct
+# Every global a CIFAR pickle needs: the official files (Python 2 cPickle, protocol 2) name numpy's
+# array reconstruction, ndarray and dtype; the same dicts pickled by Python 3 / numpy 2 add
+# _codecs.encode and bytes (protocol 2) or numpy._core's names, _frombuffer (protocol 5).
+_CIFAR_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
+    ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): _dtype,
+    ("numpy.core.numeric", "_frombuffer"): _frombuffer,
+    ("_codecs", "encode"): _latin1,
+    ("__builtin__", "bytes"): _empty_bytes,
+    ("builtins", "bytes"): _empty_bytes,
+}
+_CIFAR_GLOBALS[("numpy._core.numeric", "_frombuffer")] = _CIFAR_GLOBALS[("numpy.core.numeric", "_frombuffer")]
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """pickle.Unpickler that builds only dicts, lists, strings, numbers and plain numpy arrays:
+    any other global (os.system, builtins.eval, a class's constructor, ...) is refused before it
+    is looked up, so a crafted data_batch file cannot run code."""
+
+    def find_class(self, module, name):
+        try:
+            return _CIFAR_GLOBALS[(module, name)]
+        except KeyError:
+            raise _UnsafePickle(f"refusing to unpickle {module}.{name}: CIFAR files hold only "
+                                "dicts, lists, strings and numpy arrays (crafted file?)") from None
+
+
 def _read_cifar(folder, names, label_key, root):
     out = []
     for files in names:  # (train files, test files)
@@ -143,12 +215,17 @@ def _read_cifar(folder, names, label_key, root):
             path = os.path.join(root, folder, name)
             try:  # the pickles as torchvision reads them (Python 2 pickles of numpy arrays)
                 with open(path, "rb") as f:
-                    d = pickle.load(f, encoding="latin1")
+                    d = _CifarUnpickler(f, encoding="latin1").load()
+                if not isinstance(d, dict):
+                    raise ValueError(f"a pickled {type(d).__name__}, not a dict")
                 xs.append(torch.from_numpy(np.asarray(d["data"], dtype=np.uint8)).view(-1, 3, 32, 32))
                 ys.append(torch.as_tensor(d[label_key], dtype=torch.int64).view(-1))
                 if len(xs[-1]) != len(ys[-1]):
                     raise ValueError(f"{len(xs[-1])} images but {len(ys[-1])} labels")
-            except (OSError, EOFError, ValueError, KeyError, TypeError, pickle.UnpicklingError) as e:
+            except _UnsafePickle as e:
+                raise DataError(f"{path}: {_one_line(e)}") from None
+            except (OSError, EOFError, ValueError, KeyError, TypeError, IndexError, AttributeError,
+                    MemoryError, pickle.UnpicklingError) as e:
                 raise _corrupt(path, e) from None
         out += [torch.cat(xs), torch.cat(ys)]
     return out
@@ -295,6 +372,96 @@ def _ensure_files(name, spec, root, download):
 
 # ----------------------------------------------------------------------------- folders
 
+# A PNG whose pixel data is damaged (a flipped bit, a short zlib stream, a bad row filter) makes
+# libpng raise an error inside torchvision 0.29's decode_png that kills the process (SIGSEGV,
+# seen in 197 of 200 randomly damaged PNGs here; JPEG, GIF and WebP raise exceptions instead).
+# So a PNG is checked first, in Python, for every error libpng can meet while reading the rows.
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # colour type -> samples per pixel
+_PNG_DEPTHS = {0: (1, 2, 4, 8, 16), 2: (8, 16), 3: (1, 2, 4, 8), 4: (8, 16), 6: (8, 16)}
+_ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
+
+
+def _max_pixels():
+    """PIL's decompression-bomb limit (2 x Image.MAX_IMAGE_PIXELS), or None when turned off."""
+    from PIL import Image
+    return None if Image.MAX_IMAGE_PIXELS is None else 2 * Image.MAX_IMAGE_PIXELS
+
+
+def _check_png(buf):
+    """Raise ValueError unless `buf` (a whole .png file) decodes without a libpng error: chunk
+    CRCs, the header, the zlib stream (complete, checksum right) and the filter byte of each row."""
+    if buf[:8] != b"\x89PNG\r\n\x1a\n":
+        return  # not a PNG (a .png name on another format): torchvision reads it by its content
+    pos, idat, header = 8, [], None
+    while True:
+        if pos + 12 > len(buf):
+            raise ValueError("truncated PNG (no IEND chunk)")
+        n, kind = int.from_bytes(buf[pos:pos + 4], "big"), buf[pos + 4:pos + 8]
+        end = pos + 12 + n
+        if end > len(buf):
+            raise ValueError(f"truncated PNG ({kind.decode('latin1')} chunk cut short)")
+        critical = kind[:1].isupper()
+        if critical and zlib.crc32(buf[pos + 4:end - 4]) != int.from_bytes(buf[end - 4:end], "big"):
+            raise ValueError(f"PNG {kind.decode('latin1')} chunk fails its CRC (damaged file)")
+        if kind == b"IHDR":
+            header = buf[pos + 8:end - 4]
+        elif kind == b"IDAT":
+            idat.append(buf[pos + 8:end - 4])
+        elif kind == b"IEND":
+            break
+        elif critical and kind != b"PLTE":
+            raise ValueError(f"PNG with an unknown critical chunk {kind!r}")
+        pos = end
+    if header is None or len(header) != 13 or not idat:
+        raise ValueError("PNG without a valid IHDR or without IDAT")
+    w, h = int.from_bytes(header[0:4], "big"), int.from_bytes(header[4:8], "big")
+    depth, color, compression, filtering, interlace = header[8:13]
+    if (color not in _PNG_DEPTHS or depth not in _PNG_DEPTHS[color] or compression or filtering
+            or interlace > 1 or not 0 < w < 2 ** 31 or not 0 < h < 2 ** 31):
+        raise ValueError(f"PNG header invalid ({w}x{h}, bit depth {depth}, colour type {color})")
+    limit = _max_pixels()
+    if limit is not None and w * h > limit:
+        raise ValueError(f"image size ({w}x{h} = {w * h} pixels) exceeds the limit of {limit} pixels "
+                         "(a decompression bomb?)")
+    bits = depth * _PNG_CHANNELS[color]
+    rows = []  # (row count, bytes per row incl. the filter byte) of each (sub)image
+    for x0, y0, dx, dy in (_ADAM7 if interlace else ((0, 0, 1, 1),)):
+        pw, ph = -(-(w - x0) // dx), -(-(h - y0) // dy)
+        if pw > 0 and ph > 0:
+            rows.append((ph, 1 + -(-pw * bits // 8)))
+    expected = sum(r * b for r, b in rows)
+    z = zlib.decompressobj()
+    try:
+        raw = z.decompress(b"".join(idat), expected)
+        if len(raw) == expected and not z.eof:
+            z.decompress(z.unconsumed_tail, 1 << 16)  # the stream's end and its Adler-32 checksum
+    except zlib.error as e:
+        raise ValueError(f"PNG pixel data damaged ({e})") from None
+    if len(raw) < expected:
+        raise ValueError(f"PNG pixel data too short ({len(raw)} of {expected} bytes)")
+    if not z.eof:
+        raise ValueError("PNG pixel data longer than the image")
+    start = 0
+    for r, b in rows:
+        if r and np.frombuffer(raw, np.uint8, r * b, start)[::b].max() > 4:
+            raise ValueError("PNG row with an invalid filter type (damaged file)")
+        start += r * b
+
+
+def _check_size(buf):
+    """ValueError for an image whose header claims more pixels than PIL's decompression-bomb
+    limit (PIL reads the header only); torchvision would try to allocate all of them."""
+    from PIL import Image
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            Image.open(io.BytesIO(buf)).close()
+    except Image.DecompressionBombError as e:
+        raise ValueError(_one_line(e)) from None
+    except Exception:  # not PIL's to judge: torchvision decodes it or says what is wrong
+        pass
+
+
 class _FileReader:
     """path -> uint8 C x H x W: decoded (RGB or GRAY), resized to `size`, converted to `channels`.
     The same function serves the cache (decoded once) and the dataloader path's workers."""
@@ -304,7 +471,14 @@ class _FileReader:
 
     def __call__(self, path):
         try:
-            img = decode_image(path, mode=ImageReadMode.GRAY if self.gray else ImageReadMode.RGB)
+            with open(path, "rb") as f:
+                buf = f.read()
+            if path.lower().endswith(".png") or buf[:8] == b"\x89PNG\r\n\x1a\n":
+                _check_png(buf)
+            else:
+                _check_size(buf)
+            data = torch.frombuffer(bytearray(buf), dtype=torch.uint8)
+            img = decode_image(data, mode=ImageReadMode.GRAY if self.gray else ImageReadMode.RGB)
         except (RuntimeError, OSError, ValueError) as e:
             raise DataError(f"cannot decode image {path}: {_one_line(e)}") from None
         img = img[0] if img.ndim == 4 else img  # an animated GIF: its first frame
@@ -329,10 +503,10 @@ def _decode_all(files, reader):
     return out
 
 
-def _list_images(split_dir, classes):
+def _list_images(split_dir, classes, ignore=()):
     files, labels = [], []
     subdirs = sorted(d.name for d in os.scandir(split_dir) if d.is_dir() and not d.name.startswith("."))
-    unknown = [d for d in subdirs if d not in classes]
+    unknown = [d for d in subdirs if d not in classes and d not in ignore]
     if unknown:
         raise DataError(f"{split_dir} has class folders not in train/: {', '.join(unknown[:5])}")
     for label, c in enumerate(classes):
@@ -350,30 +524,48 @@ def _probe(files, k=1000):
     sizes, gray = Counter(), True
     for i in sorted(set(np.linspace(0, len(files) - 1, min(k, len(files))).astype(int).tolist())):
         try:
-            with Image.open(files[i]) as im:
-                sizes[(im.height, im.width)] += 1
-                gray &= im.mode in ("1", "L", "LA", "I", "I;16", "F")
-        except OSError as e:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                with Image.open(files[i]) as im:
+                    sizes[(im.height, im.width)] += 1
+                    gray &= im.mode in ("1", "L", "LA", "I", "I;16", "F")
+        except (OSError, Image.DecompressionBombError) as e:  # the latter is no OSError
             raise DataError(f"cannot read image {files[i]}: {_one_line(e)}") from None
     return gray, sizes.most_common(1)[0][0]
 
 
-def _cached_decode(cache_dir, prefix, key, files, reader):
+def _digest(x):
+    """sha256 of a uint8 tensor's bytes (about 0.2 s for the 150 MB of CIFAR-10's train split)."""
+    return hashlib.sha256(x.contiguous().numpy()).hexdigest()
+
+
+def _cached_decode(cache_dir, prefix, key, files, reader, shape):
     """The split's images from cache_dir/<prefix><key>.pt, or decoded now and cached there
-    (written atomically; older caches of the same prefix, from an older file list, are removed)."""
+    (written atomically; older caches of the same prefix, from an older file list, are removed).
+    The cache holds the sha256 of its images: a file damaged inside an intact zip, or one of
+    another shape (C x H x W), is decoded again, with a note."""
     path = os.path.join(cache_dir, f"{prefix}{key}.pt")
-    try:
-        x = torch.load(path, weights_only=True)["images"]
-        if x.dtype == torch.uint8 and len(x) == len(files):
-            return x
-    except Exception:  # missing, corrupt or foreign: decode again
-        pass
+    problem = None
+    if os.path.exists(path):
+        try:
+            d = torch.load(path, weights_only=True)
+            x = d["images"]
+            if not (torch.is_tensor(x) and x.dtype == torch.uint8 and tuple(x.shape) == (len(files), *shape)):
+                got = tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
+                problem = f"it holds {got} {getattr(x, 'dtype', '')}, not uint8 {(len(files), *shape)}"
+            elif d.get("sha256") != _digest(x):
+                problem = "its images do not match their checksum (damaged file)"
+            else:
+                return x
+        except Exception as e:  # corrupt or foreign: decode again
+            problem = f"unreadable ({_one_line(e, 120)})"
+        print(f"note: cache {path} is not usable: {problem}; decoding again", file=sys.stderr)
     print(f"decoding {len(files)} images (once; cached in {path})", flush=True)
     x = _decode_all(files, reader)
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
         os.makedirs(cache_dir, exist_ok=True)
-        torch.save({"images": x}, tmp)
+        torch.save({"images": x, "sha256": _digest(x)}, tmp)
         os.replace(tmp, path)
         for old in os.listdir(cache_dir):
             if old.startswith(prefix) and old.endswith(".pt") and old != os.path.basename(path):
@@ -395,6 +587,23 @@ def _load_folder(root, image_size, channels, in_memory):
     for (files, _), d in zip(splits, (train_dir, test_dir)):
         if not files:
             raise DataError(f"folder: no {'/'.join(IMAGE_EXTENSIONS)} images under {d}/<class>/")
+    # A class folder without training images would become an output the model never learns:
+    # dropped with a warning, unless the test split has images of it (then nothing can be right).
+    train_counts = torch.bincount(splits[0][1], minlength=len(classes)).tolist()
+    test_counts = torch.bincount(splits[1][1], minlength=len(classes)).tolist()
+    empty = [c for c, n in zip(classes, train_counts) if n == 0]
+    tested = [f"{c} ({test_counts[classes.index(c)]})" for c in empty if test_counts[classes.index(c)]]
+    if tested:
+        raise DataError(f"folder: class folder(s) {', '.join(tested)} of {test_dir} have test images but "
+                        f"no training images in {train_dir}: add training images or remove the class")
+    if empty:
+        print(f"warning: folder: dropping class folder(s) without images in {train_dir}: "
+              f"{', '.join(empty)}", file=sys.stderr)
+        classes = [c for c in classes if c not in empty]
+        splits = [_list_images(train_dir, classes, ignore=empty), _list_images(test_dir, classes, ignore=empty)]
+    if len(classes) < 2:
+        raise DataError(f"folder: {len(classes)} class folder(s) with images in {train_dir} "
+                        f"({', '.join(classes)}); a classifier needs at least 2")
     gray, size = _probe(splits[0][0])
     if image_size:
         size = (image_size, image_size)
@@ -405,6 +614,8 @@ def _load_folder(root, image_size, channels, in_memory):
     n = len(splits[0][0]) + len(splits[1][0])
     if in_memory is None:
         in_memory = n * c * size[0] * size[1] <= IN_MEMORY_LIMIT
+    ensure_fits((n if in_memory else 1) * max(c, native) * size[0] * size[1], "cpu",
+                f"{n if in_memory else 1} images at {size[0]}x{size[1]} px", "choose a smaller --image-size")
     if not in_memory:
         reader = _FileReader(gray, size, c)
         return classes, c, size[0], [Split(None, y, files, reader) for files, y in splits]
@@ -415,7 +626,8 @@ def _load_folder(root, image_size, channels, in_memory):
             st = os.stat(f)
             h.update(f"{f[len(root):]}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
         prefix = f"{os.path.basename(d)}-{size[0]}x{size[1]}-{'gray' if gray else 'rgb'}-"
-        x = _cached_decode(os.path.join(root, ".cache"), prefix, h.hexdigest()[:16], files, reader)
+        x = _cached_decode(os.path.join(root, ".cache"), prefix, h.hexdigest()[:16], files, reader,
+                           (1 if gray else 3, *size))
         out.append(Split(_convert_channels(x, c), y))
     return classes, c, size[0], out
 
@@ -503,6 +715,8 @@ def load_data(name, data_dir="data", *, image_size=None, channels=None, val_spli
         _ensure_files(name, spec, root, download)
         xtr, ytr, xte, yte = spec.read(root)
         classes, c, size = list(spec.classes), channels or spec.channels, image_size or spec.size
+        ensure_fits((len(xtr) + len(xte)) * max(c, xtr.shape[1]) * size * size, "cpu",
+                    f"{len(xtr) + len(xte)} {name} images at {size}x{size} px", "choose a smaller --image-size")
         train, test = (Split(_convert_channels(_resize(x, size), c), y) for x, y in ((xtr, ytr), (xte, yte)))
     val = None
     if val_split:
@@ -526,6 +740,33 @@ def load_data(name, data_dir="data", *, image_size=None, channels=None, val_spli
     if limit_test and limit_test < len(test):
         test = _subset(test, _stratified(test.labels, limit_test, _seed(seed, "limit_test")))
     return Data(name, classes, c, size, tuple(mean), tuple(std), train, val, test)
+
+
+def _names(names, limit=12):
+    shown = ", ".join(map(str, names[:limit]))
+    return f"[{shown}{f', ... ({len(names)} in all)' if len(names) > limit else ''}]"
+
+
+def match_classes(d, classes, source):
+    """`d` with its labels in the order of `classes` (a model's class list, from `source`, e.g. a
+    checkpoint path), and a note when they had to be reordered (None otherwise). The same names in
+    another order (a folder listed differently) are mapped by name; other names are a DataError
+    naming both lists: the model's outputs would be scored against the wrong classes."""
+    classes = [str(c) for c in classes]
+    if list(map(str, d.classes)) == classes:
+        return d, None
+    if sorted(map(str, d.classes)) != sorted(classes) or len(set(classes)) != len(classes):
+        only_data = [c for c in map(str, d.classes) if c not in classes]
+        only_model = [c for c in classes if c not in map(str, d.classes)]
+        diff = "; ".join(f"only in {w}: {_names(v, 5)}" for w, v in (("the data", only_data), (source, only_model)) if v)
+        raise DataError(f"class mismatch: {d.name} data has {len(d.classes)} classes {_names(d.classes)} but "
+                        f"{source} was trained on {len(classes)} {_names(classes)}" + (f" ({diff})" if diff else ""))
+    order = torch.tensor([classes.index(str(c)) for c in d.classes])  # data label -> model label
+    relabel = lambda s: None if s is None else Split(s.images, order[s.labels], s.files, s.reader)  # noqa: E731
+    mapped = Data(d.name, list(classes), d.in_channels, d.image_size, d.mean, d.std,
+                  relabel(d.train), relabel(d.val), relabel(d.test))
+    return mapped, (f"{d.name} data lists the classes of {source} in another order; labels mapped by "
+                    f"class name to its order")
 
 
 # ----------------------------------------------------------------------------- augmentation
@@ -853,6 +1094,8 @@ def benchmark(args):
     d = load_data(args.dataset, args.data_dir, download=not args.no_download)
     if d.train.images is None:
         raise DataError("the benchmark needs a split that fits in memory")
+    if args.batch_size > len(d.train):  # the classic loader drops the partial batch: no batch at all
+        raise DataError(f"--batch-size {args.batch_size} is larger than the {len(d.train)} training images")
     tensor = make_loader(d.train, mean=d.mean, std=d.std, batch_size=args.batch_size, train=True,
                          augment="standard", device=device)
     classic = classic_loader(d.train, mean=d.mean, std=d.std, batch_size=args.batch_size,
@@ -881,9 +1124,9 @@ def get_args_parser():
     p.add_argument("--data-dir", default="data")
     p.add_argument("--no-download", action="store_true", help="fail instead of downloading")
     p.add_argument("--benchmark", action="store_true", help="tensor path vs the classic pipeline")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--batches", type=int, default=100, help="timed batches per pipeline")
-    p.add_argument("--workers", type=int, default=2, help="DataLoader workers of the classic pipeline")
+    p.add_argument("--batch-size", type=int_range(1), default=128)
+    p.add_argument("--batches", type=int_range(1), default=100, help="timed batches per pipeline")
+    p.add_argument("--workers", type=int_range(0), default=2, help="DataLoader workers of the classic pipeline")
     return p
 
 
@@ -903,3 +1146,6 @@ if __name__ == "__main__":
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)

@@ -17,6 +17,10 @@ Metric conventions (pure functions below, tested against hand-computed values):
 - top-k: the target's rank is the number of classes with a larger logit plus the number of
   tied classes with a lower index (same tie rule as argmax); a hit when rank < k. k larger
   than the class count is clipped to it (top-5 on 3 classes is 1.0; the key stays "top5").
+- non-finite outputs: a row with any NaN or infinite logit predicts nothing: it is wrong for
+  top-1 and top-5 (rank = C), its prediction is -1 (no class), it has no column in the
+  confusion matrix (that row of the matrix sums to less than the class's support) and counts
+  in "nonfinite_outputs"; evaluate.py then prints a warning line. The loss becomes NaN.
 - confusion matrix: rows = true class, columns = predicted class.
 - precision of a class never predicted = 0.0; recall and F1 of a class absent from the
   labels (support 0) = None (undefined), and macro averages run over the classes with
@@ -36,19 +40,22 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from data import DATASETS, load_data, make_loader
+from data import DATASETS, load_data, make_loader, match_classes
 from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from models import count_macs
-from runtime import device_name, median_p90, pick_amp, pick_device, time_calls
+from runtime import (device_name, ensure_fits, forward_bytes, int_range, median_p90,
+                     out_of_memory_as_error, pick_amp, pick_device, time_calls)
 
 # ----------------------------------------------------------------------------- metrics
 
 def target_rank(logits, targets):
-    """0-based rank of each target class in its row of logits (N x C), ties to the lower index."""
+    """0-based rank of each target class in its row of logits (N x C), ties to the lower index;
+    C (a miss at every k) for a row with any non-finite logit (NaN compares as "not greater",
+    which would otherwise rank the target first)."""
     t = logits.gather(1, targets[:, None])  # N x 1
     idx = torch.arange(logits.shape[1], device=logits.device)
     above = (logits > t) | ((logits == t) & (idx < targets[:, None]))  # N x C
-    return above.sum(1)  # N
+    return above.sum(1).masked_fill_(~logits.isfinite().all(1), logits.shape[1])  # N
 
 
 def topk_accuracy(logits, targets, ks=(1, 5)):
@@ -59,23 +66,29 @@ def topk_accuracy(logits, targets, ks=(1, 5)):
 
 def confusion_matrix(preds, targets, num_classes):
     """C x C int64 counts, rows = true class, columns = predicted class (stays on device).
+    A prediction of -1 (no class: non-finite logits) is counted in no column.
 
     1-D scatter_add_ rather than bincount: CUDA bincount reads its max back to the host (a
     sync per batch), and 1-D scatter_add_ is deterministic under torch's deterministic mode."""
-    flat = targets.long() * num_classes + preds.long()
+    preds, targets = preds.long(), targets.long()
+    counted = preds >= 0
+    flat = targets * num_classes + preds.clamp(min=0)
     cm = torch.zeros(num_classes * num_classes, dtype=torch.long, device=flat.device)
-    return cm.scatter_add_(0, flat, torch.ones_like(flat)).view(num_classes, num_classes)
+    return cm.scatter_add_(0, flat, counted.long()).view(num_classes, num_classes)
 
 
-def per_class_metrics(cm, classes=None):
+def per_class_metrics(cm, classes=None, support=None):
     """Precision/recall/F1/support per class and their macro averages from a confusion matrix.
 
     Never-predicted class: precision 0.0. Class absent from the labels: recall and F1 None,
     and it is left out of the macro averages (which run over classes with support > 0).
+    support: samples per true class when some have no column in cm (non-finite outputs);
+    default: the row sums of cm.
     """
     cm = torch.as_tensor(cm).long().cpu()
     classes = classes or [str(i) for i in range(len(cm))]
-    tp, predicted, support = cm.diag().tolist(), cm.sum(0).tolist(), cm.sum(1).tolist()
+    tp, predicted = cm.diag().tolist(), cm.sum(0).tolist()
+    support = cm.sum(1).tolist() if support is None else torch.as_tensor(support).long().tolist()
     rows = []
     for c, name in enumerate(classes):
         p = tp[c] / predicted[c] if predicted[c] else 0.0
@@ -106,32 +119,42 @@ def forward(model, x, amp_dtype=None, tta=False):
 
 @torch.no_grad()
 def evaluate(model, loader, num_classes, *, amp_dtype=None, tta=False, keep_predictions=False):
-    """One pass: {"loss", "top1", "top5", "n", "confusion_matrix" (C x C CPU tensor)}.
+    """One pass: {"loss", "top1", "top5", "n", "nonfinite_outputs", "confusion_matrix" (C x C CPU
+    tensor), "support" (samples per true class)}.
 
-    Sums stay on the device (no per-batch host sync). keep_predictions adds per-sample
-    "preds", "confidence" (softmax prob of the prediction) and "targets" (CPU tensors, loader
-    order). The model is put in eval mode and its previous mode restored afterwards.
+    Sums stay on the device (no per-batch host sync). "nonfinite_outputs" counts the samples
+    whose logits hold a NaN or an infinity: they are wrong at every k, predict -1 and have no
+    column in the confusion matrix (module docstring); the loss is then NaN. keep_predictions
+    adds per-sample "preds", "confidence" (softmax prob of the prediction, 0.0 for -1) and
+    "targets" (CPU tensors, loader order). The model is put in eval mode and its previous mode
+    restored afterwards.
     """
     was_training = model.training
     model.eval()
-    n, sums, cm, kept = 0, None, None, []
+    n, sums, cm, support, kept = 0, None, None, None, []
     for x, y in loader:
         logits = forward(model, x, amp_dtype, tta)  # N x C
         rank = target_rank(logits, y)
+        bad = ~logits.isfinite().all(1)  # N
         batch = torch.stack([F.cross_entropy(logits, y, reduction="sum"),
-                             (rank < 1).sum().float(), (rank < min(5, num_classes)).sum().float()])
-        preds = logits.argmax(1)
+                             (rank < 1).sum().float(), (rank < min(5, num_classes)).sum().float(),
+                             bad.sum().float()])
+        preds = logits.argmax(1).masked_fill_(bad, -1)
         batch_cm = confusion_matrix(preds, y, num_classes)
+        batch_support = torch.zeros(num_classes, dtype=torch.long, device=y.device).scatter_add_(
+            0, y.long(), torch.ones_like(y, dtype=torch.long))
         sums = batch if sums is None else sums + batch
         cm = batch_cm if cm is None else cm + batch_cm
+        support = batch_support if support is None else support + batch_support
         n += y.shape[0]
         if keep_predictions:
-            kept.append((preds, logits.softmax(1).amax(1), y))
+            kept.append((preds, logits.softmax(1).amax(1).masked_fill_(bad, 0.0), y))
     model.train(was_training)
     if n == 0:
         raise ValueError("evaluate: the loader yielded no samples")
-    loss, top1, top5 = sums.tolist()  # the one host sync of the pass
-    result = {"loss": loss / n, "top1": top1 / n, "top5": top5 / n, "n": n, "confusion_matrix": cm.cpu()}
+    loss, top1, top5, nonfinite = sums.tolist()  # the one host sync of the pass
+    result = {"loss": loss / n, "top1": top1 / n, "top5": top5 / n, "n": n,
+              "nonfinite_outputs": int(nonfinite), "confusion_matrix": cm.cpu(), "support": support.cpu()}
     if keep_predictions:
         for i, key in enumerate(("preds", "confidence", "targets")):
             result[key] = torch.cat([k[i] for k in kept]).cpu()
@@ -216,6 +239,11 @@ def model_summary(model, input_shape, name=""):
 
 # ----------------------------------------------------------------------------- files and plots
 
+def finite_or_none(v):
+    """A float for eval.json: NaN / infinity (not JSON) become null."""
+    return v if v is None or math.isfinite(v) else None
+
+
 def write_json(report, path):
     """indent=2 JSON with each confusion-matrix row on one line (100 x 100 stays readable)."""
     rows = ["\0" + json.dumps(row) + "\0" for row in report["confusion_matrix"]]
@@ -294,8 +322,9 @@ def plot_misclassified(images, preds, targets, confidence, classes, path, max_im
         top, left = r * ph + band, k * pw + pad // 2
         img = images[i].clamp(0, 1).repeat_interleave(up, 1).repeat_interleave(up, 2)
         grid[:, top:top + h, left:left + w] = img
-        ax.text(left + w / 2, top - 1, f"pred: {short[preds[i]]} ({confidence[i]:.1%})\n"
-                f"true: {short[targets[i]]}", ha="center", va="bottom", fontsize=7)
+        pred = f"{short[preds[i]]} ({confidence[i]:.1%})" if preds[i] >= 0 else "none (NaN/inf)"
+        ax.text(left + w / 2, top - 1, f"pred: {pred}\ntrue: {short[targets[i]]}",
+                ha="center", va="bottom", fontsize=7)
     grid = torch.cat([torch.ones(c, band, grid.shape[2]), grid], 1)  # room for the title
     ax.imshow((grid[0] if c == 1 else grid.permute(1, 2, 0)).numpy(), cmap="gray", vmin=0, vmax=1,
               interpolation="nearest", extent=(0, grid.shape[2], grid.shape[1] - band, -band))
@@ -337,8 +366,23 @@ def output_dirs(paths, out):
     return [Path(out) / n for n in names]
 
 
+def checkpoint_classes(ck, path):
+    """The checkpoint's class names (None when it records none); one line when they cannot
+    label its num_classes outputs."""
+    classes = ck.get("classes")
+    if classes is None:
+        return None
+    if not isinstance(classes, (list, tuple)) or len(classes) != ck["num_classes"]:
+        n = len(classes) if isinstance(classes, (list, tuple)) else type(classes).__name__
+        raise CheckpointError(f"{path} lists {n} class names for its {ck['num_classes']} outputs "
+                              "(a damaged or hand-edited checkpoint)")
+    return [str(c) for c in classes]
+
+
 def load_eval_data(ck, path, args):
-    """The checkpoint's dataset and split, rebuilt from its recorded arguments."""
+    """The checkpoint's dataset and split, rebuilt from its recorded arguments, labelled in the
+    order of the checkpoint's classes (data.match_classes: same names reordered are mapped,
+    other names refused)."""
     a = ck.get("args") or {}
     name = args.dataset or a.get("dataset")
     if not name:
@@ -347,9 +391,16 @@ def load_eval_data(ck, path, args):
                      channels=ck["in_channels"], val_split=a.get("val_split") or 0.0,
                      limit_train=a.get("limit_train"), limit_test=a.get("limit_test"),
                      seed=a.get("seed") or 0, download=args.download)
-    if data.num_classes != ck["num_classes"]:
+    listed = ck.get("classes")
+    if data.num_classes != ck["num_classes"] and not (isinstance(listed, (list, tuple))
+                                                      and len(listed) == ck["num_classes"]):
         raise ValueError(f"dataset {name} has {data.num_classes} classes but {path} was trained "
                          f"for {ck['num_classes']}")
+    classes = checkpoint_classes(ck, path)
+    if classes is not None:  # a different count or other names: one line naming both lists
+        data, note = match_classes(data, classes, path)
+        if note:
+            print(f"note: {note}", file=sys.stderr)
     split = data.val if args.split == "val" else data.test
     if split is None:
         raise ValueError(f"--split val: {path} was trained without a validation split "
@@ -360,13 +411,23 @@ def load_eval_data(ck, path, args):
 def evaluate_checkpoint(path, out, args, device):
     """Everything for one checkpoint: metrics, plots, summary, timing -> the eval.json dict."""
     ck = load_checkpoint(path)
-    dataset, data, split = load_eval_data(ck, path, args)
-    classes = list(ck.get("classes") or data.classes)
-    mean, std = ck.get("mean") or data.mean, ck.get("std") or data.std  # the training normalization
     use_ema = bool(args.ema and ck.get("ema"))
     if args.ema and not use_ema:
         print(f"note: {path} has no EMA weights; evaluating the model weights", file=sys.stderr)
-    model = model_from_checkpoint(ck, ema=use_ema).to(device)
+    model = model_from_checkpoint(ck, ema=use_ema)
+    input_shape = (ck["in_channels"], ck["image_size"], ck["image_size"])
+    per_image = forward_bytes(model, input_shape)
+    size = "x".join(map(str, input_shape))
+    ensure_fits(per_image, device, f"one {size} image", "the checkpoint's image_size is too large here")
+    if not args.no_timing:  # checked before the long eval pass, not after it
+        ensure_fits(per_image * args.batch_size, device, f"the timing batch of {args.batch_size} {size} images",
+                    "use a smaller --batch-size or --no-timing")
+    dataset, data, split = load_eval_data(ck, path, args)
+    classes = checkpoint_classes(ck, path) or list(data.classes)
+    mean, std = ck.get("mean") or data.mean, ck.get("std") or data.std  # the training normalization
+    batch = min(args.batch_size, len(split))
+    ensure_fits(per_image * batch, device, f"an eval batch of {batch} {size} images", "use a smaller --batch-size")
+    model = model.to(device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     amp_dtype = pick_amp(args.amp, device)
@@ -377,9 +438,13 @@ def evaluate_checkpoint(path, out, args, device):
     tta = None
     if args.tta:
         r = evaluate(model, loader, ck["num_classes"], amp_dtype=amp_dtype, tta=True)
-        tta = {"top1": r["top1"], "top5": r["top5"], "loss": r["loss"]}
+        tta = {"top1": r["top1"], "top5": r["top5"], "loss": finite_or_none(r["loss"]),
+               "nonfinite_outputs": r["nonfinite_outputs"]}
+    bad = max(res["nonfinite_outputs"], (tta or {}).get("nonfinite_outputs", 0))
+    if bad:
+        print(f"warning: {path}: the model produced non-finite logits (NaN or infinity) for {bad} of "
+              f"{res['n']} images; they count as wrong (damaged or diverged weights?)", file=sys.stderr)
     cm = res["confusion_matrix"]
-    input_shape = (ck["in_channels"], ck["image_size"], ck["image_size"])
     summary, params, macs = model_summary(model, input_shape, ck["model_name"])
     timing = dict.fromkeys(("latency_ms_batch1", "latency_ms_batch1_p90", "images_per_second",
                             "timing_batch_size", "timing_repeats"))
@@ -405,9 +470,10 @@ def evaluate_checkpoint(path, out, args, device):
         "checkpoint": str(path), "model": ck["model_name"], "model_options": ck["model_options"],
         "dataset": dataset, "split": args.split, "n": res["n"], "epoch": ck.get("epoch"),
         "weights": "ema" if use_ema else "model",
-        "top1": res["top1"], "top5": res["top5"], "loss": res["loss"],
+        "top1": res["top1"], "top5": res["top5"], "loss": finite_or_none(res["loss"]),
+        "nonfinite_outputs": res["nonfinite_outputs"],
         "tta": tta, "tta_top1": tta and tta["top1"], "tta_top5": tta and tta["top5"],
-        **per_class_metrics(cm, classes), "confusion_matrix": cm.tolist(), "classes": classes,
+        **per_class_metrics(cm, classes, res["support"]), "confusion_matrix": cm.tolist(), "classes": classes,
         "params": params, "macs": macs, **timing,
         "device": device_name(device), "device_type": device.type, "torch": torch.__version__,
         "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "off",
@@ -464,7 +530,7 @@ def get_args_parser():
     p.add_argument("--download", action="store_true", help="download the dataset when missing")
     p.add_argument("--split", default="test", choices=("test", "val"))
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--batch-size", type=int, default=256, help="eval batch and throughput batch")
+    p.add_argument("--batch-size", type=int_range(1), default=256, help="eval batch and throughput batch (>= 1)")
     p.add_argument("--out", default=None, help="output folder (see the module docstring)")
     p.add_argument("--tta", action="store_true", help="also report horizontal-flip TTA accuracy")
     p.add_argument("--amp", default="auto", choices=("auto", "off", "bf16", "fp16"),
@@ -484,7 +550,8 @@ def main(args):
             raise CheckpointError(f"checkpoint not found: {path}")
     device = pick_device(args.device)
     outs = output_dirs(args.checkpoints, args.out)
-    reports = [evaluate_checkpoint(p, o, args, device) for p, o in zip(args.checkpoints, outs)]
+    with out_of_memory_as_error("use a smaller --batch-size (or --no-timing)"):
+        reports = [evaluate_checkpoint(p, o, args, device) for p, o in zip(args.checkpoints, outs)]
     if len(reports) > 1:
         out_dir = Path(args.out) if args.out else Path(os.path.commonpath(
             [str(Path(p).resolve().parent) for p in args.checkpoints]))
@@ -499,3 +566,6 @@ if __name__ == "__main__":
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)

@@ -40,14 +40,28 @@ import torch
 import torch.nn as nn
 import onnxruntime as ort  # after torch: onnxruntime-gpu then finds the CUDA/cuDNN libraries torch loaded
 
-from data import load_data, make_loader
+from data import load_data, make_loader, match_classes
 from checkpoint import load_checkpoint, model_from_checkpoint
-from runtime import device_name, pick_device, time_calls
+from runtime import (device_name, ensure_fits, float_range, forward_bytes, int_range, out_of_memory_as_error,
+                     pick_device, time_calls)
 
 AOTI_META_FORMAT = "deeper-networks-aoti/1"
 EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's 2 GB cap, with room for the graph itself
 PROVIDERS = {"tensorrt": "TensorrtExecutionProvider", "cuda": "CUDAExecutionProvider",
              "cpu": "CPUExecutionProvider"}
+MIN_OPSET = 18  # torch.export's ONNX exporter starts here; its down-conversion fails (e.g. for Pad)
+
+
+def max_opset():
+    """The highest opset the installed exporter writes: torch's ONNX_MAX_OPSET (a request above
+    it is down-converted to 18 with a traceback, or written at a version onnxruntime cannot
+    load), capped by the onnx package's own newest opset."""
+    import onnx
+    try:
+        from torch.onnx._constants import ONNX_MAX_OPSET as torch_max
+    except ImportError:  # a torch that moved it: trust onnx's number
+        torch_max = onnx.defs.onnx_opset_version()
+    return min(torch_max, onnx.defs.onnx_opset_version())
 
 
 class Float16(nn.Module):
@@ -109,6 +123,9 @@ def export_onnx(model, info, path, *, opset=18, dynamic_batch=True, fp16=False):
     dynamic_shapes = ({0: torch.export.Dim("batch", min=1)},) if dynamic_batch else None
     program = torch.onnx.export(module, (x,), dynamo=True, input_names=["input"], output_names=["logits"],
                                 opset_version=opset, dynamic_shapes=dynamic_shapes, verbose=False)
+    written = program.model.opset_imports.get("", program.model.opset_imports.get("ai.onnx"))
+    if written != opset:  # the exporter falls back to its own opset when it cannot convert
+        raise ValueError(f"--opset {opset}: the exporter wrote opset {written} instead; nothing written")
     program.model.metadata_props.update(onnx_metadata(info, fp16))
     path = Path(path)
     weight_bytes = sum(t.numel() * t.element_size() for t in module.state_dict().values())
@@ -220,18 +237,21 @@ def real_images(ck, args, n):
     except (ValueError, OSError) as e:
         print(f"note: no {name} test images ({str(e).splitlines()[0]}); checking on random inputs only")
         return None
+    # The same rule as evaluate.py: images of other classes are refused (one line naming both lists).
+    data, note = match_classes(data, model_info(ck)["classes"], args.checkpoint)
+    if note:
+        print(f"note: {note}")
     loader = make_loader(data.test, mean=ck["mean"], std=ck["std"], batch_size=n, train=False, workers=0,
                          image_size=ck["image_size"])
     return next(iter(loader))[0].cpu()
 
 
-def check(runners, model, ck, args, device):
+def check(runners, model, ck, args, device, real=None):
     """Every exported artifact vs PyTorch eager fp32 on the CPU, one line each: max |diff|, also
     relative to the logit scale (max |logit|), and top-1 agreement. ValueError past tolerance."""
     tolerance = args.tolerance or (3e-2 if args.fp16 else 1e-4)
     c, s = ck["in_channels"], ck["image_size"]
     inputs = {"random (7 images)": torch.randn(7, c, s, s, generator=torch.Generator().manual_seed(0))}
-    real = real_images(ck, args, 64)
     if real is not None:
         inputs[f"real ({len(real)} images)"] = real
     failures = []
@@ -463,8 +483,9 @@ def get_args_parser():
     p.add_argument("--format", default="onnx", choices=("onnx", "aoti", "all"))
     p.add_argument("--out", default=None, help="output file (default: beside CKPT, <stem>.onnx / <stem>.pt2; "
                    "with --format all the suffix is replaced per format)")
-    p.add_argument("--opset", type=int, default=18,
-                   help="ONNX opset, 18 or later (18 runs on onnxruntime >= 1.14, TensorRT >= 8.6)")
+    p.add_argument("--opset", type=int_range(MIN_OPSET, max_opset()), default=18,
+                   help=f"ONNX opset, {MIN_OPSET}..{max_opset()} (the installed exporter's range; "
+                   "18 runs on onnxruntime >= 1.14, TensorRT >= 8.6)")
     batch = p.add_mutually_exclusive_group()
     batch.add_argument("--dynamic-batch", action="store_true", default=True, help="dynamic batch axis (default)")
     batch.add_argument("--static-batch", dest="dynamic_batch", action="store_false", help="batch axis fixed to 1")
@@ -480,18 +501,18 @@ def get_args_parser():
                    help="--check fails when int8 top-1 is more than this many points below fp32")
     p.add_argument("--ema", action="store_true", help="export the EMA weights when the checkpoint has them")
     p.add_argument("--check", action="store_true", help="compare outputs with PyTorch (exit 1 past --tolerance)")
-    p.add_argument("--tolerance", type=float, default=None,
+    p.add_argument("--tolerance", type=float_range(0, lo_open=True), default=None,
                    help="max |diff| / max |logit| allowed by --check (default 1e-4, 3e-2 with --fp16)")
     p.add_argument("--data-dir", default=None, help="dataset folder for --check (default: the checkpoint's)")
     p.add_argument("--benchmark", action="store_true", help="time eager / torch.compile / onnxruntime")
     p.add_argument("--provider", default="auto", choices=("auto", *PROVIDERS),
                    help="onnxruntime provider (auto: TensorRT, else CUDA on a GPU; CPU otherwise)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 256])
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch and onnxruntime alike "
-                   "(default: torch's default, the physical cores)")
-    p.add_argument("--warmup", type=int, default=10, help="untimed calls per runtime and batch size")
-    p.add_argument("--repeats", type=int, default=50, help="timed calls per runtime and batch size")
+    p.add_argument("--batch-sizes", type=int_range(1), nargs="+", default=[1, 256])
+    p.add_argument("--threads", type=int_range(1), default=None, help="CPU threads for torch and onnxruntime "
+                   "alike (default: torch's default, the physical cores)")
+    p.add_argument("--warmup", type=int_range(0), default=10, help="untimed calls per runtime and batch size")
+    p.add_argument("--repeats", type=int_range(1), default=50, help="timed calls per runtime and batch size")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                    help="include torch.compile in --benchmark (--no-compile skips it; compiling takes a while)")
     return p
@@ -518,14 +539,29 @@ def main(args):
         raise ValueError("--int8 quantizes the fp32 ONNX export: drop --fp16 and use --format onnx or all")
     if args.random_calibration and not args.int8:
         raise ValueError("--random-calibration calibrates --int8: add --int8")
-    if args.opset < 18:
-        raise ValueError(f"--opset {args.opset}: the torch.export-based exporter writes opset 18 or later")
+    if not MIN_OPSET <= args.opset <= max_opset():
+        raise ValueError(f"--opset {args.opset}: the installed exporter writes opsets {MIN_OPSET}..{max_opset()}")
+    if args.threads is not None and args.threads < 1 or args.tolerance is not None and not args.tolerance > 0:
+        raise ValueError("--threads must be >= 1 and --tolerance > 0")
     device = pick_device(args.device)
     ck = load_checkpoint(args.checkpoint)
     if args.ema and not ck.get("ema"):
         raise ValueError(f"--ema: {args.checkpoint} has no EMA weights")
     model = model_from_checkpoint(ck, ema=args.ema)  # eval mode, CPU
     info = model_info(ck)
+    shape = (info["in_channels"], info["image_size"], info["image_size"])
+    per_image, size = forward_bytes(model, shape), "x".join(map(str, shape))
+    ensure_fits(per_image * 64, "cpu", f"the check and export inputs (up to 64 {size} images)",
+                "the checkpoint's image_size is too large here")
+    if args.benchmark:
+        b = max(args.batch_sizes)
+        ensure_fits(per_image * b, device, f"a benchmark batch of {b} {size} images", "use smaller --batch-sizes")
+    with out_of_memory_as_error("use smaller --batch-sizes"):
+        run(args, ck, model, info, device)
+
+
+def run(args, ck, model, info, device):
+    """Export, check and benchmark, as main() set them up."""
     paths = output_paths(args)
     # Before anything is written: refuse --int8 when there is nothing to calibrate on.
     data8 = int8_data(ck, args) if args.int8 and not args.random_calibration else None
@@ -536,6 +572,7 @@ def main(args):
     if device.type == "cpu":
         torch.set_num_threads(threads)  # the same count as onnxruntime's intra-op pool
     batch_note = "dynamic batch" if args.dynamic_batch else "batch 1"
+    real = real_images(ck, args, 64) if args.check else None  # before exporting: a wrong folder fails fast
     onnx_path = paths.get("onnx")
     if onnx_path:
         t = time.perf_counter()
@@ -569,7 +606,7 @@ def main(args):
         if aoti_path:
             runners["aoti"] = torch._inductor.aoti_load_package(str(aoti_path))
         with torch.inference_mode():
-            check(runners, model, ck, args, device)
+            check(runners, model, ck, args, device, real)
         if int8_path:
             check_int8(onnx_path, int8_path, ck, args, data8, provider, threads)
     if args.benchmark:
@@ -595,3 +632,6 @@ if __name__ == "__main__":
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)

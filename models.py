@@ -83,6 +83,7 @@ class LeNet5(nn.Module):
     """conv5(6) - pool - conv5(16) - pool - fc120 - fc84 - fc(num_classes)."""
 
     OPTIONS = ()
+    MIN_SIZE = 12  # 2 x 2 px left after the second pool (28 px digits: 5 x 5)
 
     def __init__(self, num_classes, in_channels=3, image_size=32):
         super().__init__()
@@ -110,6 +111,7 @@ class AlexNet(nn.Module):
     3x3/1 conv, so 32 px inputs reach the 6x6 pool at 7x7 (224 px inputs: 6x6)."""
 
     OPTIONS = ("stem", "dropout")
+    MIN_SIZE = {"cifar": 7, "imagenet": 63}  # per stem: 1 x 1 px left after the last pool
 
     def __init__(self, num_classes, in_channels=3, image_size=32, stem="auto", dropout=0.5):
         super().__init__()
@@ -152,6 +154,7 @@ NIN = {
 
 class NiN(nn.Module):
     OPTIONS = ("stem", "dropout")
+    MIN_SIZE = {"cifar": 4, "imagenet": 39}
 
     def __init__(self, num_classes, in_channels=3, image_size=32, stem="auto", dropout=0.5):
         super().__init__()
@@ -294,6 +297,7 @@ class GoogLeNet(nn.Module):
     logits. The CIFAR stem drops the two early downsamplings (maxpool1/2 become identities)."""
 
     OPTIONS = ("aux_logits", "inception_kernel", "residual", "stem", "dropout")
+    MIN_SIZE = {"cifar": 2, "imagenet": 15}
 
     def __init__(self, num_classes, in_channels=3, image_size=32, aux_logits=False,
                  inception_kernel=5, residual=None, stem="auto", dropout=0.4):
@@ -476,9 +480,20 @@ def model_options(name):
     return getattr(builder, "func", builder).OPTIONS  # partial(ResNet, 50).func is ResNet
 
 
+def min_image_size(name, image_size=32, **options):
+    """The smallest input side (px) the model built with these arguments can take: its
+    downsampling must leave at least 1 x 1 px for every pool (the MIN_SIZE of its family, per
+    stem; 1 for VGG and the ResNets, which pad and pool adaptively). Tested against forward
+    passes on the meta device."""
+    builder = MODELS[name]
+    table = getattr(getattr(builder, "func", builder), "MIN_SIZE", 1)
+    return table[_stem(options.get("stem") or "auto", image_size)] if isinstance(table, dict) else table
+
+
 def build_model(name, num_classes, in_channels=3, image_size=32, **options):
     """A freshly initialised model; image_size picks the 'auto' stem / head, inputs of any size
-    the network can downsample work (adaptive pooling)."""
+    the network can downsample work (adaptive pooling). An image_size below the model's minimum
+    (min_image_size) is a ValueError that names the minimum."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose from: {', '.join(MODELS)}")
     sizes = {"num_classes": num_classes, "in_channels": in_channels, "image_size": image_size}
@@ -491,6 +506,11 @@ def build_model(name, num_classes, in_channels=3, image_size=32, **options):
     if unknown:
         takes = f"it takes: {', '.join(allowed)}" if allowed else "it takes no options"
         raise ValueError(f"{name} does not take option(s) {', '.join(unknown)}; {takes}")
+    need = min_image_size(name, image_size, **options)
+    if image_size < need:
+        stem = f" with the {options['stem']} stem" if options.get("stem") not in (None, "auto") else ""
+        raise ValueError(f"{name}{stem} needs images of at least {need}x{need} px (image_size "
+                         f"{image_size}): its pooling would leave nothing to classify")
     return MODELS[name](num_classes, in_channels, image_size, **options)
 
 
@@ -747,12 +767,20 @@ def freeze_backbone(model):
 
 
 # --------------------------------------------------------------------------- table
+def _model_name(name):
+    if name not in MODELS:
+        raise argparse.ArgumentTypeError(f"unknown model {name!r}; choose from: {', '.join(MODELS)}")
+    return name
+
+
 def get_args_parser():
+    from runtime import int_range
     parser = argparse.ArgumentParser(description="Parameters and forward MACs of every model.")
-    parser.add_argument("models", nargs="*", metavar="MODEL", help=f"default: all of {', '.join(MODELS)}")
-    parser.add_argument("--image-size", type=int, default=32)
-    parser.add_argument("--in-channels", type=int, default=3)
-    parser.add_argument("--num-classes", type=int, default=10)
+    parser.add_argument("models", nargs="*", metavar="MODEL", type=_model_name,
+                        help=f"default: all of {', '.join(MODELS)}")
+    parser.add_argument("--image-size", type=int_range(1, 100_000), default=32)
+    parser.add_argument("--in-channels", type=int_range(1, 1024), default=3)
+    parser.add_argument("--num-classes", type=int_range(1, 1_000_000), default=10)
     return parser
 
 
@@ -763,16 +791,25 @@ def main(args):
             raise ValueError(f"unknown model {name!r}; choose from: {', '.join(MODELS)}")
     if min(args.image_size, args.in_channels, args.num_classes) < 1:
         raise ValueError("--image-size, --in-channels and --num-classes must be positive")
+    too_small = {n: min_image_size(n, args.image_size) for n in names if args.image_size < min_image_size(n, args.image_size)}
+    if too_small and args.models:  # asked for by name: the one-line error of build_model
+        name = next(iter(too_small))
+        build_model(name, args.num_classes, args.in_channels, args.image_size)
     shape = (1, args.in_channels, args.image_size, args.image_size)
     print(f"input {'x'.join(map(str, shape[1:]))}, {args.num_classes} classes, default options\n")
     print(f"| {'model':<11} | {'params':>9} | {'MACs':>9} |\n|{'-' * 13}|{'-' * 11}|{'-' * 11}|")
     for name in names:
+        if name in too_small:
+            continue
         # on the meta device: shapes only, no memory or compute (resnet1202 and vgg19 are instant)
         with torch.device("meta"):
             model = build_model(name, args.num_classes, args.in_channels, args.image_size)
             params = sum(p.numel() for p in model.parameters())
             macs = count_macs(model, shape)
         print(f"| {name:<11} | {params / 1e6:8.2f}M | {_human(macs):>9} |")
+    if too_small:
+        print(f"note: left out, their pooling needs larger images: "
+              f"{', '.join(f'{n} (at least {m} px)' for n, m in too_small.items())}", file=sys.stderr)
 
 
 def _human(n):
@@ -786,3 +823,6 @@ if __name__ == "__main__":
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)

@@ -1,12 +1,16 @@
 """Runtime helpers shared by train.py, evaluate.py, export.py and bench.py: which device, which
-AMP dtype, what the hardware is called, and how to time a call.
+AMP dtype, what the hardware is called, how to time a call, whether a batch fits in memory, and
+the argparse types that check a number's range at parse time.
 
     python runtime.py          # prints the device auto would pick, its name and vector extensions
 """
+import argparse
+import math
 import os
 import platform
 import statistics
 import time
+from contextlib import contextmanager
 
 import torch
 
@@ -117,6 +121,128 @@ def median_p90(times):
     """(median, p90) of a list of seconds."""
     s = sorted(times)
     return statistics.median(s), s[min(len(s) - 1, max(0, -(-9 * len(s) // 10) - 1))]
+
+
+# ----------------------------------------------------------------------------- memory
+
+def memory_available(device):
+    """Bytes a new allocation can take on `device` now: the free GPU memory plus what torch's
+    cache holds unused on CUDA, MemAvailable of /proc/meminfo on the CPU; None where unknown."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    if device.type == "cpu":
+        try:
+            with open("/proc/meminfo") as f:
+                return next(int(ln.split()[1]) * 1024 for ln in f if ln.startswith("MemAvailable:"))
+        except (OSError, StopIteration, ValueError):
+            return None
+    return None
+
+
+def forward_bytes(model, input_shape):
+    """Estimated peak bytes of one float32 inference forward per image (C x H x W): the input plus
+    three times the largest output of a leaf module (a block's input, its output and one branch
+    are alive at once). Shapes come from a pass on the meta device: no memory, no compute."""
+    largest = [0]
+
+    def hook(module, inputs, out):
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if torch.is_tensor(t):
+                largest[0] = max(largest[0], t[0].numel())
+
+    leaves = [m for m in model.modules() if not any(m.children())]
+    hooks = [m.register_forward_hook(hook) for m in leaves]
+    was_training = model.training
+    try:
+        model.eval()
+        state = {k: torch.empty_like(v, device="meta") for k, v in model.state_dict(keep_vars=True).items()}
+        with torch.no_grad():
+            torch.func.functional_call(model, state, (torch.empty(1, *input_shape, device="meta"),))
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    return 4 * (math.prod(input_shape) + 3 * largest[0])
+
+
+def _gb(n):
+    return f"{n / 2 ** 30:.3g} GiB"
+
+
+def ensure_fits(nbytes, device, what, hint):
+    """ValueError (one line) when `nbytes` exceed the memory available on `device` (when known),
+    before the allocation: on Linux a too large CPU allocation may not fail but summon the OOM
+    killer, which ends the process (or another one) without a word."""
+    free = memory_available(device)
+    if free is not None and nbytes > free:
+        raise ValueError(f"{what} needs about {_gb(nbytes)}, more than the {_gb(free)} of "
+                         f"{torch.device(device).type} memory available: {hint}")
+
+
+def is_out_of_memory(e):
+    """MemoryError, torch.OutOfMemoryError, or an allocator RuntimeError (CPU: "DefaultCPUAllocator:
+    not enough memory" / "can't allocate memory"), also one raised in a DataLoader worker."""
+    if isinstance(e, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    text = str(e)
+    return isinstance(e, RuntimeError) and any(s in text for s in (
+        "not enough memory", "can't allocate memory", "out of memory", "Cannot allocate memory"))
+
+
+@contextmanager
+def out_of_memory_as_error(hint):
+    """Turn an out-of-memory error raised inside into a one-line ValueError ending in `hint`."""
+    try:
+        yield
+    except (MemoryError, RuntimeError) as e:
+        if not is_out_of_memory(e):
+            raise
+        first = next((ln.strip() for ln in str(e).splitlines() if "memory" in ln), type(e).__name__)
+        raise ValueError(f"out of memory ({first[:200]}): {hint}") from None
+
+
+# ----------------------------------------------------------------------------- argparse types
+
+def int_range(lo=None, hi=None):
+    """An argparse type: an int in [lo, hi] (either end open when None); the error names the range."""
+    def parse(text):
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if (lo is not None and v < lo) or (hi is not None and v > hi):
+            raise argparse.ArgumentTypeError(f"{v} is out of range: {_range(lo, hi, True, True)}")
+        return v
+    parse.__name__ = "int"
+    return parse
+
+
+def float_range(lo=None, hi=None, *, lo_open=False, hi_open=False):
+    """An argparse type: a finite float in the range; lo_open / hi_open exclude the ends."""
+    def parse(text):
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not math.isfinite(v):
+            raise argparse.ArgumentTypeError(f"{text} is not finite: {_range(lo, hi, not lo_open, not hi_open)}")
+        if lo is not None and (v < lo or (lo_open and v == lo)) or hi is not None and (v > hi or (hi_open and v == hi)):
+            raise argparse.ArgumentTypeError(f"{v:g} is out of range: {_range(lo, hi, not lo_open, not hi_open)}")
+        return v
+    parse.__name__ = "float"
+    return parse
+
+
+def _range(lo, hi, lo_closed, hi_closed):
+    if lo is not None and hi is not None:
+        return f"must be in {'[' if lo_closed else '('}{lo:g}, {hi:g}{']' if hi_closed else ')'}"
+    if lo is not None:
+        return f"must be {'>=' if lo_closed else '>'} {lo:g}"
+    if hi is not None:
+        return f"must be {'<=' if hi_closed else '<'} {hi:g}"
+    return "must be a finite number"
 
 
 if __name__ == "__main__":

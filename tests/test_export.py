@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import checkpoint
+import data
 import export
 from data import load_data, make_loader
 from models import build_model
@@ -35,6 +36,12 @@ FAMILIES = [
 ]
 
 
+def classes_of(dataset, n):
+    """The dataset's class names when it has n (export --check refuses images of other classes)."""
+    names = data.DATASETS[dataset].classes if dataset in data.DATASETS else None
+    return list(names) if names and len(names) == n else [f"class {i}" for i in range(n)]
+
+
 def make_checkpoint(path, name="resnet20", in_channels=3, image_size=32, num_classes=10, dataset="synthetic",
                     data_dir="data", **options):
     """A checkpoint with the keys train.py writes, around a freshly initialised model."""
@@ -47,7 +54,7 @@ def make_checkpoint(path, name="resnet20", in_channels=3, image_size=32, num_cla
                 m.running_var.uniform_(0.5, 2.0)
     ck = checkpoint.make_checkpoint(
         model_name=name, model_options=options, num_classes=num_classes, in_channels=in_channels,
-        image_size=image_size, classes=[f"class {i}" for i in range(num_classes)],
+        image_size=image_size, classes=classes_of(dataset, num_classes),
         mean=[0.5] * in_channels, std=[0.25] * in_channels,
         args={"dataset": dataset, "data_dir": str(data_dir), "seed": 0, "val_split": 0.0},
         epoch=1, model=model.state_dict())
