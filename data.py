@@ -443,15 +443,39 @@ def _check_png(buf):
         raise ValueError("PNG pixel data longer than the image")
     start = 0
     for r, b in rows:
-        if r and np.frombuffer(raw, np.uint8, r * b, start)[::b].max() > 4:
+        if r and max(raw[start:start + r * b:b]) > 4:  # the first byte of each row
             raise ValueError("PNG row with an invalid filter type (damaged file)")
         start += r * b
 
 
+def _jpeg_size(buf):
+    """(width, height) from a JPEG's frame header (SOFn marker), or None."""
+    i = 2
+    while i + 9 < len(buf) and buf[i] == 0xFF:
+        m = buf[i + 1]
+        if m == 0xFF or m == 0x01 or 0xD0 <= m <= 0xD8:  # fill byte, markers without a length
+            i += 1 if m == 0xFF else 2
+            continue
+        if 0xC0 <= m <= 0xCF and m not in (0xC4, 0xC8, 0xCC):
+            return int.from_bytes(buf[i + 7:i + 9], "big"), int.from_bytes(buf[i + 5:i + 7], "big")
+        i += 2 + int.from_bytes(buf[i + 2:i + 4], "big")
+    return None
+
+
 def _check_size(buf):
     """ValueError for an image whose header claims more pixels than PIL's decompression-bomb
-    limit (PIL reads the header only); torchvision would try to allocate all of them."""
+    limit; torchvision would try to allocate all of them. JPEG headers are read here (about a
+    microsecond), other formats' by PIL (header only)."""
     from PIL import Image
+    limit = _max_pixels()
+    if limit is None:
+        return
+    if buf[:2] == b"\xff\xd8":
+        size = _jpeg_size(buf)
+        if size is not None and size[0] * size[1] > limit:
+            raise ValueError(f"image size ({size[0]}x{size[1]} = {size[0] * size[1]} pixels) exceeds the "
+                             f"limit of {limit} pixels (a decompression bomb?)")
+        return
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)

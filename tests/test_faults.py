@@ -347,11 +347,13 @@ def test_damaged_pngs_are_errors_not_crashes(tmp_path):
                              + _chunk(b"IDAT", bytes(stream)) + _chunk(b"IEND", b""),
         "flipped bit, stale CRC": bytearray(_png(w, h, rows)),
         "header of a bomb": _png(30000, 30000, b"\0" * 90001),
+        "JPEG header of a bomb": b"\xff\xd8\xff\xc0" + struct.pack(">HBHHB", 11, 8, 60000, 60000, 1)
+                                 + b"\x01\x11\x00\xff\xd9",
     }
     files["flipped bit, stale CRC"][60] ^= 0x04
     paths = []
     for i, (kind, blob) in enumerate(files.items()):
-        paths.append(tmp_path / f"{i}.png")
+        paths.append(tmp_path / f"{i}.{'jpg' if kind.startswith('JPEG') else 'png'}")
         paths[-1].write_bytes(bytes(blob))
     p = subprocess.run([sys.executable, "-c", DAMAGED.format(repo=str(REPO)), *map(str, paths)],
                        capture_output=True, text=True, timeout=300)
