@@ -40,7 +40,7 @@ import torchvision.transforms.v2 as v2
 import torchvision.transforms.v2.functional as TF
 from torchvision.io import ImageReadMode, decode_image
 
-from runtime import ensure_fits, int_range
+from runtime import cpu_count, ensure_fits, int_range
 
 AUGMENTS = ("none", "standard", "strong", "autoaugment", "randaugment", "trivialaugment")
 IN_MEMORY_LIMIT = 4 << 30  # folders above this many uint8 bytes use the dataloader path
@@ -522,7 +522,7 @@ def _decode_all(files, reader):
 
         def work(i):
             out[i] = reader(files[i])
-        with ThreadPoolExecutor(max(2, len(os.sched_getaffinity(0)))) as pool:
+        with ThreadPoolExecutor(max(2, cpu_count())) as pool:
             list(pool.map(work, range(1, len(files)), chunksize=64))
     return out
 
@@ -887,17 +887,20 @@ class _FileDataset(torch.utils.data.Dataset):
 
 
 class _PlanSampler(torch.utils.data.Sampler):
-    """Yields (index, sample seed) of the loader's current epoch plan."""
+    """Yields (index, sample seed) of the epoch plan it was last given (set_plan)."""
 
-    def __init__(self, loader):
-        self.loader = loader
+    def __init__(self, num_samples):
+        self.num_samples, self.plan = num_samples, None
+
+    def set_plan(self, order, seeds):
+        self.plan = (order, seeds)
 
     def __iter__(self):
-        order, seeds = self.loader._plan
+        order, seeds = self.plan
         return iter(zip(order.tolist(), seeds.tolist()))
 
     def __len__(self):
-        return self.loader.num_samples
+        return self.num_samples
 
 
 @contextmanager
@@ -919,8 +922,8 @@ def _cpu_threads(n):
 class Loader:
     """Iterable of (x, y) batches on the device; see make_loader."""
 
-    def __init__(self, split, mean, std, batch_size, train, augment, cutout, device, seed,
-                 channels_last, rank, world_size, workers, image_size):
+    def __init__(self, split, *, mean, std, batch_size, train, augment="none", cutout=0, device="cpu",
+                 seed=0, channels_last=False, rank=0, world_size=1, workers=4, image_size=None):
         augment = augment or "none"
         if augment not in AUGMENTS:
             raise DataError(f"unknown augment {augment!r}; choose from {', '.join(AUGMENTS)}")
@@ -947,9 +950,10 @@ class Loader:
                 self.policy = _policy(self.augment)
         else:  # dataloader path
             self.size = split.reader.size[-1]
+            self._sampler = _PlanSampler(self.num_samples)
             self._dl = torch.utils.data.DataLoader(
                 _FileDataset(split, _v2_transform(self.augment, self.size)), batch_size=batch_size,
-                sampler=_PlanSampler(self), num_workers=workers, pin_memory=self.device.type == "cuda",
+                sampler=self._sampler, num_workers=workers, pin_memory=self.device.type == "cuda",
                 persistent_workers=workers > 0)
         self.image_size = image_size or self.size
         channels = self.images.shape[1] if self.on_device else split.reader.channels
@@ -1026,7 +1030,7 @@ class Loader:
             yield x, y, dev["cut"][s] if "cut" in dev else None
 
     def _file_batches(self, order, p):
-        self._plan = (order, p.get("seed", torch.zeros(len(order), dtype=torch.int64)))
+        self._sampler.set_plan(order, p.get("seed", torch.zeros(len(order), dtype=torch.int64)))
         cut, start = p["cut"].to(self.device) if "cut" in p else None, 0
         try:
             for x, y in self._dl:
@@ -1059,8 +1063,9 @@ def make_loader(split, *, mean, std, batch_size, train, augment="none", cutout=0
     """A Loader over `split`: the tensor path for in-memory splits, the dataloader path for
     file-backed ones. train=True: shuffled, augmented, sharded by rank, full batches only (a
     partial one when the shard is smaller than a batch). train=False: sequential, everything."""
-    return Loader(split, mean, std, batch_size, train, augment, cutout, device, seed,
-                  channels_last, rank, world_size, workers, image_size)
+    return Loader(split, mean=mean, std=std, batch_size=batch_size, train=train, augment=augment,
+                  cutout=cutout, device=device, seed=seed, channels_last=channels_last, rank=rank,
+                  world_size=world_size, workers=workers, image_size=image_size)
 
 
 # ----------------------------------------------------------------------------- benchmark
