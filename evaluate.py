@@ -529,7 +529,8 @@ def get_args_parser():
     p.add_argument("--dataset", default=None, choices=sorted(DATASETS), help="default: the checkpoint's")
     p.add_argument("--download", action="store_true", help="download the dataset when missing")
     p.add_argument("--split", default="test", choices=("test", "val"))
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"),
+                   help="auto: cuda, then mps (Apple silicon), then cpu")
     p.add_argument("--batch-size", type=int_range(1), default=256, help="eval batch and throughput batch (>= 1)")
     p.add_argument("--out", default=None, help="output folder (see the module docstring)")
     p.add_argument("--tta", action="store_true", help="also report horizontal-flip TTA accuracy")

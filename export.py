@@ -507,7 +507,8 @@ def get_args_parser():
     p.add_argument("--benchmark", action="store_true", help="time eager / torch.compile / onnxruntime")
     p.add_argument("--provider", default="auto", choices=("auto", *PROVIDERS),
                    help="onnxruntime provider (auto: TensorRT, else CUDA on a GPU; CPU otherwise)")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"),
+                   help="auto: cuda, then mps (Apple silicon), then cpu")
     p.add_argument("--batch-sizes", type=int_range(1), nargs="+", default=[1, 256])
     p.add_argument("--threads", type=int_range(1), default=None, help="CPU threads for torch and onnxruntime "
                    "alike (default: torch's default, the physical cores)")

@@ -185,7 +185,7 @@ def get_args_parser():
     g.add_argument("--compile-mode",
                    choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"))
     g.add_argument("--channels-last", action="store_true", default=None)
-    g.add_argument("--device", choices=("auto", "cpu", "cuda"))
+    g.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), help="auto: cuda, then mps (Apple silicon), then cpu")
     g.add_argument("--workers", type=number(int, 0), help="dataloader path only")
     g.add_argument("--seed", type=number(int, 0, 2**32 - 1))
     g.add_argument("--deterministic", action="store_true", default=None, help="bit-repeatable (slower) kernels")
