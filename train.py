@@ -432,23 +432,25 @@ class EMA:
 
     @torch.no_grad()
     def update(self, model):
-        ema_p = list(self.module.parameters())
-        torch._foreach_lerp_(ema_p, [p.detach() for p in model.parameters()], 1.0 - self.decay)
+        """ema = decay * ema + (1 - decay) * weights: torch.optim.swa_utils' EMA rule (tested
+        against it), with public tensor ops."""
+        for e, p in zip(self.module.parameters(), model.parameters()):
+            e.lerp_(p.detach(), 1.0 - self.decay)
         for b_ema, b in zip(self.module.buffers(), model.buffers()):
             b_ema.copy_(b)
 
 
-def mix_batch(x, y, a, rng):
+def mix_batch(x, y, mixup, cutmix, rng):
     """Mixup or cutmix (one chosen at random per batch when both are on).
 
     Returns (x, y, y2, lam): loss = lam * CE(y) + (1 - lam) * CE(y2). `rng` is a numpy
     Generator seeded per epoch, so the draws are repeatable and cost no device sync.
     """
-    modes = [m for m, alpha in (("mixup", a.mixup), ("cutmix", a.cutmix)) if alpha > 0]
+    modes = [m for m, alpha in (("mixup", mixup), ("cutmix", cutmix)) if alpha > 0]
     if not modes:
         return x, y, y, 1.0
     mode = modes[rng.integers(len(modes))]
-    lam = float(rng.beta(a.mixup, a.mixup) if mode == "mixup" else rng.beta(a.cutmix, a.cutmix))
+    lam = float(rng.beta(mixup, mixup) if mode == "mixup" else rng.beta(cutmix, cutmix))
     perm = torch.from_numpy(rng.permutation(x.shape[0])).to(x.device, non_blocking=True)
     if mode == "mixup":
         return x * lam + x[perm] * (1 - lam), y, y[perm], lam
@@ -480,7 +482,7 @@ def train_one_epoch(model, loader, optimizer, schedule, scaler, criterion, a, ep
     rng = np.random.default_rng([a.seed, epoch, int(os.environ.get("RANK", 0))])
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
     for step, (x, y) in enumerate(loader):
-        x, y, y2, lam = mix_batch(x, y, a, rng)
+        x, y, y2, lam = mix_batch(x, y, a.mixup, a.cutmix, rng)
         with autocast:
             out = model(x)
             aux = ()
@@ -822,7 +824,8 @@ def main(args):
         torch.backends.cudnn.benchmark = False
     else:
         torch.backends.cudnn.benchmark = True
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    # TF32 rounds matmul/conv inputs to 10 mantissa bits: off under --deterministic
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = not a.deterministic
     writer = None
     if a.tensorboard:
         try:
