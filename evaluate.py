@@ -523,7 +523,13 @@ def comparison(reports, out_dir):
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description="Evaluate deeper-networks checkpoints.")
+    p = argparse.ArgumentParser(
+        description="Evaluate deeper-networks checkpoints.", formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+               "  python evaluate.py runs/demo/best.pt                        # eval.json, confusion matrix, timing\n"
+               "  python evaluate.py runs/demo/best.pt --tta --summary        # + flip TTA, layer table\n"
+               "  python evaluate.py results/study/*/best.pt --out results/study   # + comparison, curves, trade-offs\n"
+               "  python evaluate.py ckpt.pt --data-dir /other/copy --no-timing    # same classes, another folder")
     p.add_argument("checkpoints", nargs="+", metavar="CKPT")
     p.add_argument("--data-dir", default=None, help="default: the one recorded in the checkpoint")
     p.add_argument("--dataset", default=None, choices=sorted(DATASETS), help="default: the checkpoint's")

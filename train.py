@@ -111,6 +111,10 @@ def number(kind, lo, hi=None, *, lo_open=False, hi_open=False, what=""):
     return parse
 
 
+MODEL_FAMILIES = ("LeNet: lenet5 | AlexNet: alexnet | NiN: nin | VGG: vgg11 vgg13 vgg16 vgg19 (+ _bn) | "
+                  "GoogLeNet: googlenet | ResNet: resnet18 34 50 101 152 | CIFAR ResNet: resnet20 32 44 56 110 1202")
+
+
 def get_args_parser():
     recipes = "\n".join(f"  {name:<14} {', '.join(f'{k}={v}' for k, v in r.items())}"
                          for name, r in RECIPES.items())
@@ -122,7 +126,7 @@ def get_args_parser():
     count, positive = number(int, 1), number(float, 0, lo_open=True)
     fraction = number(float, 0, 1, hi_open=True)  # [0, 1)
     g = p.add_argument_group("model and data")
-    g.add_argument("--model", choices=sorted(models.MODELS), help="architecture")
+    g.add_argument("--model", choices=sorted(models.MODELS), metavar="NAME", help=MODEL_FAMILIES)
     g.add_argument("--dataset", choices=sorted(data.DATASETS), help="dataset")
     g.add_argument("--data-dir", help="dataset root, torchvision layout (default: ./data)")
     g.add_argument("--image-size", type=count, help="resize to N px (default: native)")
@@ -582,12 +586,13 @@ def write_metrics(history, path):
             w.writerow({k: ("" if row.get(k) is None else row[k]) for k in METRIC_COLUMNS})
 
 
-def plot_curves(history, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def plot_curves(history, path, title=""):
+    """Loss and accuracy per epoch (integer epoch ticks), titled with model, dataset and run."""
+    from matplotlib.figure import Figure  # no pyplot: no global backend state
+    from matplotlib.ticker import MaxNLocator
     ep = [r["epoch"] for r in history]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    fig = Figure(figsize=(11, 4.3))
+    ax1, ax2 = fig.subplots(1, 2)
     for key, label in (("train_loss", "train"), ("val_loss", "val"), ("test_loss", "test")):
         if any(r.get(key) is not None for r in history):
             ax1.plot(ep, [r.get(key) for r in history], marker=".", label=label)
@@ -600,12 +605,12 @@ def plot_curves(history, path):
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
         ax.legend()
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
-    try:
-        with replacing(path) as tmp:
-            fig.savefig(tmp, dpi=110)
-    finally:
-        plt.close(fig)
+    with replacing(path) as tmp:
+        fig.savefig(tmp, dpi=110)
 
 
 def default_out(a):
@@ -981,7 +986,7 @@ def main(args):
             print(msg + (" *" if improved else ""), flush=True)
 
         if is_main and history:
-            plot_curves(history, out / "curves.png")
+            plot_curves(history, out / "curves.png", f"{a.model} on {a.dataset}, run {out.name}")
             if writer is not None:
                 writer.close()
             last = history[-1]
