@@ -509,7 +509,7 @@ def build_model(name, num_classes, in_channels=3, image_size=32, **options):
     need = min_image_size(name, image_size, **options)
     if image_size < need:
         stem = f" with the {options['stem']} stem" if options.get("stem") not in (None, "auto") else ""
-        raise ValueError(f"{name}{stem} needs images of at least {need}x{need} px (image_size "
+        raise ValueError(f"{name}{stem} needs images of at least {need}x{need} px (got {image_size}x"
                          f"{image_size}): its pooling would leave nothing to classify")
     return MODELS[name](num_classes, in_channels, image_size, **options)
 

@@ -244,6 +244,8 @@ def test_aoti_package_runs_in_cpp(tmp_path, run):
     for split in ("train", "test"):
         (folder / split / "c").mkdir(parents=True)
     Image.fromarray(smooth(28, 28, 3)).save(folder / "train" / "c" / "0.png")
+    (folder / "train" / "d").mkdir()  # a classifier needs two classes (data.py refuses one)
+    Image.fromarray(smooth(28, 28, 3)).save(folder / "train" / "d" / "0.png")
     ppms = []
     for name, a in images.items():
         ppm = tmp_path / f"{name}.{'ppm' if a.shape[2] == 3 else 'pgm'}"
