@@ -8,8 +8,10 @@ val split, seed, limit_test, mean/std); --dataset / --data-dir override it. Per 
 the output folder gets eval.json, confusion_matrix.csv/.png, misclassified.png, summary.txt.
 Output folder: --out for one checkpoint; --out/<run dir> for several (<run dir>-<stem> when
 run dirs repeat); without --out, the checkpoint's own folder (eval-<stem>/ inside it when
-several given checkpoints share that folder). Several checkpoints also give comparison.csv
-and comparison.md in --out, or without --out in the checkpoints' common parent folder.
+several given checkpoints share that folder). Several checkpoints also give, in --out or without
+--out in the checkpoints' common parent folder: comparison.csv / .md (one row per configuration:
+runs that differ only in --seed pooled as mean +- std, see group_runs), comparison_runs.csv / .md
+(one row per checkpoint), curves.png and tradeoff.png (figures over the runs).
 The data is never downloaded here unless --download is given.
 
 Metric conventions (pure functions below, tested against hand-computed values):
@@ -495,31 +497,300 @@ def evaluate_checkpoint(path, out, args, device):
     return report
 
 
-COLUMNS = ("run", "model", "dataset", "params", "macs", "top1", "top5", "latency_ms_batch1",
-           "images_per_second", "epochs", "train_seconds", "checkpoint")
+# ----------------------------------------------------------------------------- over runs
+
+# Keys of a run's args (and config.json) that say how or where it ran, not what it trained. Runs
+# equal in everything else (model, its options, data, recipe, epochs, amp...) whose seeds differ
+# are repeats of one configuration and make one group in the comparison: mean +- std over them.
+RUNTIME_KEYS = ("seed", "out", "resume", "device", "workers", "data_dir", "compile", "compile_mode",
+                "tensorboard", "channels_last", "deterministic", "world_size", "torch")
+STATS = ("top1", "top5", "loss", "train_seconds")  # mean +- std per group
+COLUMNS = ("run", "n", "seeds", "model", "dataset", "params", "macs", "top1", "top1_std", "top5",
+           "top5_std", "loss", "loss_std", "latency_ms_batch1", "images_per_second", "epochs",
+           "train_seconds", "train_seconds_std", "checkpoint")
+RUN_COLUMNS = ("run", "group", "seed", "model", "dataset", "params", "macs", "top1", "top5", "loss",
+               "latency_ms_batch1", "images_per_second", "epochs", "train_seconds", "checkpoint")
+
+
+def run_config(ck):
+    """What a checkpoint trained, with config.json's keys: its args plus the model it built."""
+    if not ck.get("args"):
+        return {}
+    return {**ck["args"], "model_options": ck["model_options"], "num_classes": ck["num_classes"],
+            "in_channels": ck["in_channels"], "image_size": ck["image_size"], "classes": ck.get("classes")}
+
+
+def config_key(config):
+    """The configuration without RUNTIME_KEYS, as a comparable string."""
+    return json.dumps({k: v for k, v in config.items() if k not in RUNTIME_KEYS}, sort_keys=True, default=str)
+
+
+def group_runs(runs):
+    """Runs (dicts with "config") -> groups (lists of runs), in first-seen order. Runs with one
+    config_key and pairwise different seeds make one group; a run without recorded args, or whose
+    seed repeats in its bucket (best.pt and last.pt of one run), stays a group of its own."""
+    buckets = {}
+    for i, r in enumerate(runs):
+        buckets.setdefault(config_key(r["config"]) if r["config"] else i, []).append(r)
+    groups = []
+    for members in buckets.values():
+        seeds = [m["config"].get("seed") for m in members]
+        if None not in seeds and len(set(seeds)) == len(seeds):
+            groups.append(members)
+        else:
+            groups.extend([m] for m in members)
+    first = {id(r): i for i, r in enumerate(runs)}
+    return sorted(groups, key=lambda g: first[id(g[0])])
+
+
+def mean_std(values):
+    """(mean, sample std with ddof=1) of the values that are not None; std None below 2 values."""
+    import statistics  # exact sums: the same mean whatever the order of the runs
+
+    values = [v for v in values if v is not None]
+    if not values:
+        return None, None
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else None
+
+
+def read_history(run_dir, fallback=None):
+    """A run's per-epoch rows: its metrics.csv (numbers as float, empty cells None), else `fallback`
+    (the checkpoint's history, which holds the same rows up to the checkpoint's epoch)."""
+    path = Path(run_dir) / "metrics.csv"
+    if not path.is_file():
+        return list(fallback or [])
+    with open(path, newline="") as f:
+        return [{k: float(v) if v not in ("", None) else None for k, v in row.items()}
+                for row in csv.DictReader(f)]
+
+
+def group_label(labels, seeds):
+    """'mnist-vgg16-lr0.1-seed{0,1,2}/best.pt' when the run dirs are NAME-seed<S>, else 'a + b'."""
+    if len(labels) == 1:
+        return labels[0]
+    parts = [re.fullmatch(r"(.+)-seed\d+(/[^/]*)", label) for label in labels]
+    if all(parts) and len({(p[1], p[2]) for p in parts}) == 1:
+        return f"{parts[0][1]}-seed{{{','.join(map(str, seeds))}}}{parts[0][2]}"
+    return " + ".join(labels)
+
+
+def summarize_groups(runs):
+    """group_runs + per-group statistics: dicts with label, runs, n, seeds, stats {key: (mean, std)}."""
+    out = []
+    for members in group_runs(runs):
+        seeds = [m["config"].get("seed") for m in members]
+        reports = [m["report"] for m in members]
+        stats = {k: mean_std([r.get(k) for r in reports]) for k in
+                 STATS + ("latency_ms_batch1", "images_per_second", "params", "macs")}
+        label = group_label([m["label"] for m in members], seeds)
+        out.append({"label": label, "short": label.removesuffix("/best.pt"), "runs": members,
+                    "n": len(members), "seeds": seeds, "stats": stats})
+    return out
+
+
+def load_runs(reports):
+    """Per evaluated checkpoint: its table label, eval report, configuration and history."""
+    runs = []
+    for r in reports:
+        path = Path(r["checkpoint"])
+        ck = load_checkpoint(path)
+        runs.append({"label": path.parent.name + "/" + path.name, "report": r, "config": run_config(ck),
+                     "history": read_history(path.parent, ck.get("history"))})
+        del ck
+    return runs
+
+
+def group_curve(runs, key):
+    """Over the epochs every run has `key` for: (epochs, mean, std or None, mean cumulative
+    training seconds or None) lists. Training time = the cumulative sum of epoch_seconds."""
+    per_run = []
+    for r in runs:
+        rows, total = {}, 0.0
+        for h in sorted(r["history"], key=lambda h: h.get("epoch") or 0):
+            total = None if total is None or h.get("epoch_seconds") is None else total + h["epoch_seconds"]
+            if h.get("epoch") is not None and h.get(key) is not None:
+                rows[int(h["epoch"])] = (h[key], total)
+        per_run.append(rows)
+    epochs = sorted(set.intersection(*(set(rows) for rows in per_run))) if per_run else []
+    mean, std, secs = [], [], []
+    for e in epochs:
+        m, s = mean_std([rows[e][0] for rows in per_run])
+        t = [rows[e][1] for rows in per_run]
+        mean.append(m)
+        std.append(s)
+        secs.append(None if None in t else sum(t) / len(t))
+    return (epochs, mean, std if len(runs) > 1 else None, secs if epochs and None not in secs else None)
+
+
+def _style(i, n):
+    """Colour and line style of group i of n: tab10 / tab20 colours, dashes past 20 groups."""
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10" if n <= 10 else "tab20"]
+    return cmap(i % cmap.N), ("-", "--", ":", "-.")[(i // cmap.N) % 4]
+
+
+def _legend_label(i, g):
+    return f"{i + 1}  {g['short']}" + (f" (n={g['n']})" if g["n"] > 1 else "")
+
+
+def _legend(fig, axes, groups, title):
+    """One legend for all panels, right of them (outside the axes)."""
+    handles = list(axes[0].get_lines())
+    if handles:
+        fig.legend(handles, [h.get_label() for h in handles], loc="upper left", bbox_to_anchor=(1.0, 0.98),
+                   fontsize=8 if len(groups) <= 12 else 7, ncols=1 if len(groups) <= 24 else 2,
+                   frameon=False, title=title, title_fontsize=8)
+
+
+def plot_runs_curves(groups, path=None):
+    """Test top-1 and training loss per epoch (top row) and against training time (bottom row),
+    one line per group (its mean over seeds) with a ± std band where n > 1. Returns the Figure."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(12, 8), dpi=100)
+    axes = fig.subplots(2, 2)
+    curves = [{key: group_curve(g["runs"], key) for key in ("test_top1", "train_loss")} for g in groups]
+    longest = max([c[k][3][-1] for c in curves for k in c if c[k][3]], default=0)
+    unit, scale = (("s", 1) if longest < 120 else ("min", 60) if longest < 7200 else ("h", 3600))
+    for i, (g, c) in enumerate(zip(groups, curves)):
+        color, dash = _style(i, len(groups))
+        for col, (key, factor) in enumerate((("test_top1", 100), ("train_loss", 1))):
+            epochs, mean, std, secs = c[key]
+            for row, x in enumerate((epochs, secs and [s / scale for s in secs])):
+                if not x:
+                    continue
+                ax = axes[row, col]
+                ax.plot(x, [m * factor for m in mean], color=color, linestyle=dash,
+                        marker="." if len(x) <= 30 else None, label=_legend_label(i, g))
+                if std:
+                    ax.fill_between(x, [(m - s) * factor for m, s in zip(mean, std)],
+                                    [(m + s) * factor for m, s in zip(mean, std)], color=color,
+                                    alpha=0.2, linewidth=0)
+    for row, xlabel in enumerate(("epoch", f"training time ({unit}, cumulative epoch_seconds)")):
+        axes[row, 0].set(xlabel=xlabel, ylabel="test top-1 (%)", title=f"test top-1 vs {xlabel.split(' (')[0]}")
+        axes[row, 1].set(xlabel=xlabel, ylabel="training loss", title=f"training loss vs {xlabel.split(' (')[0]}")
+    for ax in axes.flat:
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    _legend(fig, axes.flat, groups, "run (n: seeds; line: mean, band: ± std)")
+    if path is not None:
+        fig.savefig(path, bbox_inches="tight")
+    return fig
+
+
+TRADEOFF_AXES = (("params", "parameters"), ("macs", "MACs per image"), ("latency_ms_batch1", "latency at batch 1 (ms)"))
+
+
+def plot_tradeoff(groups, path=None):
+    """Final test top-1 against parameters, MACs and latency, one point per group (its mean,
+    a vertical ± std bar where n > 1), each labelled with its run (its legend number past 8
+    groups; labels left of the points in a panel's right half). x is logarithmic when it spans
+    more than 20x. A panel without values (--no-timing) says so. Returns the Figure."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(15, 4.8), dpi=100)
+    axes = fig.subplots(1, 3, sharey=True)
+    for ax, (key, xlabel) in zip(axes, TRADEOFF_AXES):
+        points = [(i, g, g["stats"][key][0], g["stats"]["top1"]) for i, g in enumerate(groups)]
+        points = [(i, g, x, y, s) for i, g, x, (y, s) in points if x is not None and y is not None]
+        missing = len(groups) - len(points)
+        xs = sorted(p[2] for p in points)
+        for i, g, x, y, s in points:
+            color, _ = _style(i, len(groups))
+            ax.plot([x], [100 * y], marker="o", linestyle="none", color=color, label=_legend_label(i, g))
+            if s:
+                ax.vlines(x, 100 * (y - s), 100 * (y + s), color=color, linewidth=1.5)
+            right = len(xs) > 1 and xs.index(x) >= len(xs) / 2
+            ax.annotate(g["short"] if len(groups) <= 8 else str(i + 1), (x, 100 * y),
+                        xytext=(-4 if right else 4, 4), textcoords="offset points", fontsize=7,
+                        ha="right" if right else "left")
+        if not points:
+            what = "latency not measured\n(evaluate.py --no-timing)" if key.startswith("latency") else "no values"
+            ax.text(0.5, 0.5, what, transform=ax.transAxes, ha="center", va="center", color="0.4")
+        else:
+            if xs[0] > 0 and xs[-1] > 20 * xs[0]:
+                ax.set_xscale("log")
+            ax.margins(x=0.1)
+            if missing:
+                ax.text(0.02, 0.02, f"{missing} run(s) without a value", transform=ax.transAxes, fontsize=7)
+        ax.set(xlabel=xlabel, title=f"top-1 vs {xlabel.split(' (')[0]}")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("final test top-1 (%)")
+    fig.tight_layout()
+    _legend(fig, axes, groups, "run (n: seeds; point: mean, bar: ± std)")
+    if path is not None:
+        fig.savefig(path, bbox_inches="tight")
+    return fig
+
+
+def _same(values):
+    """One value when all are equal, else ';'-joined (e.g. best.pt epochs that differ)."""
+    return values[0] if len(set(map(str, values))) == 1 else ";".join(map(str, values))
 
 
 def comparison(reports, out_dir):
-    """Markdown table (returned) + comparison.csv / comparison.md in out_dir."""
-    rows = [{"run": Path(r["checkpoint"]).parent.name + "/" + Path(r["checkpoint"]).name,
-             "epochs": r["epoch"], **{k: r[k] for k in COLUMNS if k in r}} for r in reports]
+    """Runs grouped by configuration (seeds pooled: mean +- std): comparison.csv / .md (returned),
+    per-run comparison_runs.csv / .md, and the figures over runs, curves.png and tradeoff.png
+    (comparison_curves.png / comparison_tradeoff.png when out_dir is a run's own folder, whose
+    curves.png is train.py's)."""
+    runs = load_runs(reports)
+    groups = summarize_groups(runs)
     out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / "comparison.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, COLUMNS)
-        w.writeheader()
-        w.writerows(rows)
-    fmt = lambda v, f: "-" if v is None else f(v)  # noqa: E731
-    lines = ["| run | model | dataset | params | MACs | top-1 | top-5 | latency b1 (ms) | img/s | epochs | train time |",
-             "|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|"]
-    for r in rows:
-        lines.append("| " + " | ".join([
-            r["run"], r["model"], r["dataset"], human(r["params"]), human(r["macs"]),
-            f"{r['top1']:.2%}", f"{r['top5']:.2%}", fmt(r["latency_ms_batch1"], lambda v: f"{v:.2f}"),
-            fmt(r["images_per_second"], lambda v: f"{v:,.0f}"), fmt(r["epochs"], str),
-            fmt(r["train_seconds"], lambda v: f"{v / 60:.1f} min")]) + " |")
-    table = "\n".join(lines) + "\n"
-    (out_dir / "comparison.md").write_text(table)
-    return table
+    run_rows, rows = [], []
+    for g in groups:
+        for m in g["runs"]:
+            r = m["report"]
+            run_rows.append({"run": m["label"], "group": g["label"], "seed": m["config"].get("seed"),
+                             "epochs": r["epoch"], **{k: r.get(k) for k in RUN_COLUMNS if k in r}})
+        row = {"run": g["label"], "n": g["n"], "seeds": " ".join(str(s) for s in g["seeds"] if s is not None),
+               "model": _same([m["report"]["model"] for m in g["runs"]]),
+               "dataset": _same([m["report"]["dataset"] for m in g["runs"]]),
+               "epochs": _same([m["report"]["epoch"] for m in g["runs"]]),
+               "checkpoint": ";".join(m["report"]["checkpoint"] for m in g["runs"])}
+        for k in ("params", "macs", "latency_ms_batch1", "images_per_second"):
+            row[k] = g["stats"][k][0]
+        for k in STATS:
+            row[k], row[k + "_std"] = g["stats"][k]
+        rows.append(row)
+    for name, columns, data in (("comparison.csv", COLUMNS, rows), ("comparison_runs.csv", RUN_COLUMNS, run_rows)):
+        with open(out_dir / name, "w", newline="") as f:
+            w = csv.DictWriter(f, columns)
+            w.writeheader()
+            w.writerows(data)
+
+    def cell(r, key, f, unit=""):  # 'mean ± std unit' in a group of 2+, 'value unit' otherwise
+        v, s = r.get(key), r.get(key + "_std")
+        return "-" if v is None else f(v) + unit if s is None else f"{f(v)} ± {f(s)}{unit}"
+
+    pct, num = (lambda v: f"{v:.2%}"[:-1]), (lambda v: f"{v:.4f}")
+    head = ["| run | model | dataset | n | params | MACs | top-1 | top-5 | loss | latency b1 (ms) | img/s | epochs | train time |",
+            "|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
+    tables = {}
+    for name, data in (("comparison.md", rows), ("comparison_runs.md", run_rows)):
+        lines = list(head) if name == "comparison.md" else [head[0].replace(" n |", " seed |"), head[1]]
+        for r in data:
+            lines.append("| " + " | ".join([
+                r["run"], str(r["model"]), str(r["dataset"]), str(r["n"] if "n" in r else r["seed"]),
+                human(r["params"]), human(r["macs"]), cell(r, "top1", pct, "%"), cell(r, "top5", pct, "%"),
+                cell(r, "loss", num), "-" if r["latency_ms_batch1"] is None else f"{r['latency_ms_batch1']:.2f}",
+                "-" if r["images_per_second"] is None else f"{r['images_per_second']:,.0f}",
+                "-" if r["epochs"] is None else str(r["epochs"]),
+                cell(r, "train_seconds", lambda v: f"{v / 60:.1f}", " min")]) + " |")
+        tables[name] = "\n".join(lines) + "\n"
+    if any(g["n"] > 1 for g in groups):
+        tables["comparison.md"] += (
+            "\nn > 1: the runs differ only in --seed (also ignored: " + ", ".join(RUNTIME_KEYS[1:]) + "); "
+            "cells are mean ± std over them, std the sample standard deviation (ddof=1); latency and "
+            "img/s are means. Per-run rows: comparison_runs.md / .csv.\n")
+    for name, text in tables.items():
+        (out_dir / name).write_text(text)
+    own = (out_dir / "metrics.csv").exists() or out_dir.resolve() in {
+        Path(r["checkpoint"]).resolve().parent for r in reports}
+    prefix = "comparison_" if own else ""
+    plot_runs_curves(groups, out_dir / f"{prefix}curves.png")
+    plot_tradeoff(groups, out_dir / f"{prefix}tradeoff.png")
+    return tables["comparison.md"], [f"{prefix}curves.png", f"{prefix}tradeoff.png"]
 
 
 def get_args_parser():
@@ -562,7 +833,9 @@ def main(args):
     if len(reports) > 1:
         out_dir = Path(args.out) if args.out else Path(os.path.commonpath(
             [str(Path(p).resolve().parent) for p in args.checkpoints]))
-        print("\n" + comparison(reports, out_dir) + f"wrote {out_dir}/comparison.csv, comparison.md")
+        table, figures = comparison(reports, out_dir)
+        print("\n" + table + f"wrote {out_dir}/ comparison.csv comparison.md comparison_runs.csv "
+              f"comparison_runs.md {' '.join(figures)}")
     return reports
 
 

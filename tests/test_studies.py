@@ -63,6 +63,7 @@ def check_study(out, expected, diverged=()):
         rows = list(csv.DictReader(f))
     assert sorted(r["run"] for r in rows) == sorted(f"{n}/best.pt" for n in expected if n not in diverged)
     assert (out / "comparison.md").read_text().startswith("| run | model |")
+    assert (out / "curves.png").is_file() and (out / "tradeoff.png").is_file()  # the figures over runs
 
 
 # ----------------------------------------------------------------------------- full matrices, dry

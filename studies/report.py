@@ -1,0 +1,195 @@
+"""The README's study table, written from the files under results/: no number is typed by hand.
+
+    python studies/report.py            # print the table block
+    python studies/report.py --write    # replace README.md's <!-- results:begin --> ... <!-- results:end -->
+    python studies/report.py --check    # exit 1 when README.md's block is not what results/ says
+
+TABLE below lists each row's published figures (typed from the papers) and, in the same order,
+the run that stands for each figure: results/<study>/<run>/ or, with SEEDS, every
+results/<study>/<run>-seed<S>/. An "ours" value is the run's eval.json top-1 (or 100 - top-1 for
+error rows) in %, over seeds mean ± std (sample std, ddof=1, evaluate.mean_std: the figures
+evaluate.py's comparison.csv holds), "(n=K)" when K > 1; a run listed in the study's
+diverged.txt counts as diverged; "–" where no run exists; "not yet run" when a row has none.
+The label says the budget the runs had: the hardware of their eval.json (CPU: torch's thread
+count as cores) and config.json's epochs. Runs pooled over seeds must be one configuration
+(evaluate.group_runs on their config.json), or this stops with the keys that differ.
+tests/test_report.py checks that README.md holds this block and that its numbers are in results/.
+"""
+import argparse
+import json
+import re
+import sys
+import textwrap
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from evaluate import RUNTIME_KEYS, config_key, group_runs, mean_std  # noqa: E402
+
+BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+# (study, rows, published, results/<dir>, the run behind each published figure, metric)
+TABLE = [
+    ("depth vs lr, MNIST (10 epochs)", "VGG-16 at lr 0.1 / 0.01 / 0.001", "9.8 / 99.5 / 99.5 % top-1",
+     "depth_vs_lr", ("mnist-vgg16-lr0.1", "mnist-vgg16-lr0.01", "mnist-vgg16-lr0.001"), "top1"),
+    ("", "ResNet-18", "99.2 / 99.4 / 99.3",
+     "depth_vs_lr", ("mnist-resnet18-lr0.1", "mnist-resnet18-lr0.01", "mnist-resnet18-lr0.001"), "top1"),
+    ("depth vs lr, CIFAR-10 (20 epochs)", "VGG-16", "10 / 87.1 / 89.2",
+     "depth_vs_lr", ("cifar10-vgg16-lr0.1", "cifar10-vgg16-lr0.01", "cifar10-vgg16-lr0.001"), "top1"),
+    ("", "ResNet-18", "88.7 / 90.0 / 90.1",
+     "depth_vs_lr", ("cifar10-resnet18-lr0.1", "cifar10-resnet18-lr0.01", "cifar10-resnet18-lr0.001"), "top1"),
+    ("residual inception, CIFAR-10", "GoogLeNet 3x3 / 5x5 / 3x3+identity / 5x5+identity",
+     "14.56 / 14.33 / 13.73 / 13.39 % top-1 error", "residual_inception",
+     ("googlenet-k3", "googlenet-k5", "googlenet-k3-identity", "googlenet-k5-identity"), "error"),
+    ("", "3x3 with / without aux heads", "14.56 / 14.69",
+     "residual_inception", ("googlenet-k3-aux", "googlenet-k3"), "error"),
+    ("CIFAR ResNet depth (164 epochs)", "ResNet-20 / 32 / 44 / 56 / 110", "8.75 / 7.51 / 7.17 / 6.97 / 6.43 % test error",
+     "cifar_resnet_depth", ("resnet20", "resnet32", "resnet44", "resnet56", "resnet110"), "error"),
+    ("", "plain-20 / 32 / 44 / 56 (no shortcuts)", "figure 6 only (no table)",
+     "cifar_resnet_depth", ("plain20", "plain32", "plain44", "plain56"), "error"),
+    ("architectures, CIFAR-10", "AlexNet / VGG-19 / ResNet-18 / 34 / 50", "77.6 / 74.7 / 89.3 / 89.6 / 89.2 % top-1",
+     "architectures", ("cifar10-alexnet", "cifar10-vgg19", "cifar10-resnet18", "cifar10-resnet34",
+                       "cifar10-resnet50"), "top1"),
+]
+UNITS = {"top1": "% top-1", "error": "% test error"}
+NOTE = ("Ours: the evaluated checkpoint's test top-1 (error rows: 100 - top-1), in %; over seeds "
+        "mean ± std (sample std, ddof=1) of n runs; \"–\": not yet run. Written from results/ by "
+        "studies/report.py.")
+
+
+def pct(v):
+    """A fraction as a percentage with 2 decimals, rounded as evaluate.py's tables do."""
+    return f"{v:.2%}"[:-1]
+
+
+def hardware(ev):
+    """'2-core CPU' (torch's thread count on the CPU) or the GPU's name, from an eval.json."""
+    if ev.get("device_type") == "cpu":
+        m = re.search(r"\((\d+) threads\)$", ev.get("device") or "")
+        return f"{m[1]}-core CPU" if m else "CPU"
+    return ev.get("device") or "unknown device"
+
+
+def find_runs(study_dir, name):
+    """(finished, diverged): finished = [(dir, eval.json, config.json)] of `name` and `name-seed<S>`,
+    diverged = the names of those listed in the study's diverged.txt (with config.json if any)."""
+    pattern = re.compile(re.escape(name) + r"(-seed\d+)?")
+    listed = (study_dir / "diverged.txt").read_text().split() if (study_dir / "diverged.txt").is_file() else []
+    finished, diverged = [], []
+    for d in sorted(study_dir.iterdir()) if study_dir.is_dir() else []:
+        if not (d.is_dir() and pattern.fullmatch(d.name)):
+            continue
+        config = json.loads((d / "config.json").read_text()) if (d / "config.json").is_file() else {}
+        if d.name in listed:
+            diverged.append((d, config))
+        elif (d / "eval.json").is_file():
+            finished.append((d, json.loads((d / "eval.json").read_text()), config))
+    return finished, diverged
+
+
+def check_one_config(runs):
+    """Stop when runs pooled as seeds of one configuration differ in anything but RUNTIME_KEYS
+    (or share a seed); runs: [(dir, config.json dict)]."""
+    for d, c in runs:
+        if not c:
+            raise ValueError(f"{d} has no config.json: cannot tell its configuration")
+    if len(runs) < 2 or len(group_runs([{"config": c} for _, c in runs])) == 1:
+        return
+    names = ", ".join(d.name for d, _ in runs)
+    first = runs[0][1]
+    other = next((c for _, c in runs[1:] if config_key(c) != config_key(first)), None)
+    if other is None:
+        raise ValueError(f"{names} are pooled as seeds of one run but share a seed")
+    keys = sorted(k for k in set(first) | set(other) if k not in RUNTIME_KEYS and first.get(k) != other.get(k))
+    raise ValueError(f"{names} are pooled as seeds of one run but differ in: {', '.join(keys)}")
+
+
+def slot(study_dir, name, metric):
+    """One published figure's counterpart: dict(text, epochs, hardware) or None when not run."""
+    finished, diverged = find_runs(study_dir, name)
+    if not finished and not diverged:
+        return None
+    check_one_config([(d, c) for d, _, c in finished] + [(d, c) for d, c in diverged])
+    values = [e["top1"] if metric == "top1" else 1 - e["top1"] for _, e, _ in finished]
+    mean, std = mean_std(values)
+    n, k = len(finished), len(diverged)
+    if n == 0:
+        text = "diverged" if k == 1 else f"diverged ({k} of {k})"
+    else:
+        text = pct(mean) + (f" ± {pct(std)}" if std is not None else "")
+        extra = ([f"n={n}"] if n > 1 else []) + ([f"{k} diverged"] if k else [])
+        text += f" ({', '.join(extra)})" if extra else ""
+    epochs = {c.get("epochs") for _, _, c in finished} | {c.get("epochs") for _, c in diverged}
+    return {"text": text, "epochs": "/".join(sorted(str(e) for e in epochs if e is not None)) or "?",
+            "hardware": {hardware(e) for _, e, _ in finished}}
+
+
+def ours(results, study, names, metric):
+    slots = [slot(results / study, name, metric) for name in names]
+    if not any(slots):
+        return "not yet run"
+    known = set().union(*(s["hardware"] for s in slots if s))
+    if not known:  # every run diverged: the study's other runs ran on the same machine
+        known = {hardware(json.loads(p.read_text())) for p in sorted((results / study).glob("*/eval.json"))}
+    epochs = [s["epochs"] if s else "–" for s in slots]
+    filled = {e for e in epochs if e != "–"}
+    budget = f"{filled.pop()} epochs" if len(filled) == 1 else f"{' / '.join(epochs)} epochs"
+    label = ", ".join(sorted(known) + [budget]) if known else budget
+    return f"{' / '.join(s['text'] if s else '–' for s in slots)} {UNITS[metric]} ({label})"
+
+
+def block(results):
+    """The markdown between the README's markers (markers excluded)."""
+    lines = ["| study | rows | published | ours |", "|---|---|---|---|"]
+    for study, rows, published, folder, names, metric in TABLE:
+        cells = (study, rows, published, ours(Path(results), folder, names, metric))
+        lines.append("|" + "|".join(f" {c} " if c else " " for c in cells) + "|")
+    return "\n".join(lines) + "\n\n" + textwrap.fill(NOTE, 95) + "\n"
+
+
+def replace_block(text, new):
+    """README text with the part between BEGIN and END replaced by `new`."""
+    if text.count(BEGIN) != 1 or text.count(END) != 1 or text.index(BEGIN) > text.index(END):
+        raise ValueError(f"README needs one {BEGIN} line followed by one {END} line")
+    head, rest = text.split(BEGIN)
+    return head + BEGIN + "\n" + new + END + rest.split(END, 1)[1]
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser(description="Write the README's study table from results/.")
+    p.add_argument("--results", default=str(REPO / "results"), help="results folder (default: the repo's)")
+    p.add_argument("--readme", default=str(REPO / "README.md"), help="README to --write / --check")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--write", action="store_true", help="update the README's marked block")
+    mode.add_argument("--check", action="store_true", help="exit 1 if the README's block differs")
+    return p
+
+
+def main(args):
+    new = block(args.results)
+    if not (args.write or args.check):
+        print(new, end="")
+        return 0
+    readme = Path(args.readme)
+    text = readme.read_text()
+    updated = replace_block(text, new)
+    if args.check:
+        if updated != text:
+            print(f"error: {readme}'s results block differs from {args.results}; run "
+                  "python studies/report.py --write", file=sys.stderr)
+            return 1
+        return 0
+    if updated != text:
+        tmp = readme.with_name(readme.name + ".tmp")
+        tmp.write_text(updated)
+        tmp.replace(readme)
+    print(f"wrote the results block of {readme}" if updated != text else f"{readme} is up to date")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main(get_args_parser().parse_args()))
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
