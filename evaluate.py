@@ -504,6 +504,8 @@ def evaluate_checkpoint(path, out, args, device):
 # are repeats of one configuration and make one group in the comparison: mean +- std over them.
 RUNTIME_KEYS = ("seed", "out", "resume", "device", "workers", "data_dir", "compile", "compile_mode",
                 "tensorboard", "channels_last", "deterministic", "world_size", "torch")
+# config.json's keys computed from the others (mean/std of a seeded training subset vary by seed).
+DERIVED_KEYS = ("mean", "std", "train_samples", "val_samples", "test_samples", "amp_dtype")
 STATS = ("top1", "top5", "loss", "train_seconds")  # mean +- std per group
 COLUMNS = ("run", "n", "seeds", "model", "dataset", "params", "macs", "top1", "top1_std", "top5",
            "top5_std", "loss", "loss_std", "latency_ms_batch1", "images_per_second", "epochs",
@@ -521,8 +523,9 @@ def run_config(ck):
 
 
 def config_key(config):
-    """The configuration without RUNTIME_KEYS, as a comparable string."""
-    return json.dumps({k: v for k, v in config.items() if k not in RUNTIME_KEYS}, sort_keys=True, default=str)
+    """The configuration without RUNTIME_KEYS and DERIVED_KEYS, as a comparable string."""
+    return json.dumps({k: v for k, v in config.items() if k not in RUNTIME_KEYS + DERIVED_KEYS},
+                      sort_keys=True, default=str)
 
 
 def group_runs(runs):
@@ -600,6 +603,18 @@ def load_runs(reports):
     return runs
 
 
+def load_run_dirs(dirs):
+    """load_runs without the checkpoints, for results/ where only a run's files are kept: its
+    eval.json (the report), config.json (the configuration) and metrics.csv (the history)."""
+    runs = []
+    for d in map(Path, dirs):
+        report = json.loads((d / "eval.json").read_text())
+        config = json.loads((d / "config.json").read_text()) if (d / "config.json").is_file() else {}
+        runs.append({"label": f"{d.name}/{Path(report.get('checkpoint') or 'best.pt').name}", "report": report,
+                     "config": config, "history": read_history(d)})
+    return runs
+
+
 def group_curve(runs, key):
     """Over the epochs every run has `key` for: (epochs, mean, std or None, mean cumulative
     training seconds or None) lists. Training time = the cumulative sum of epoch_seconds."""
@@ -647,6 +662,7 @@ def plot_runs_curves(groups, path=None):
     """Test top-1 and training loss per epoch (top row) and against training time (bottom row),
     one line per group (its mean over seeds) with a ± std band where n > 1. Returns the Figure."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     fig = Figure(figsize=(12, 8), dpi=100)
     axes = fig.subplots(2, 2)
@@ -672,6 +688,8 @@ def plot_runs_curves(groups, path=None):
         axes[row, 1].set(xlabel=xlabel, ylabel="training loss", title=f"training loss vs {xlabel.split(' (')[0]}")
     for ax in axes.flat:
         ax.grid(alpha=0.3)
+    for ax in axes[0]:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs: no 1.25
     fig.tight_layout()
     _legend(fig, axes.flat, groups, "run (n: seeds; line: mean, band: ± std)")
     if path is not None:
@@ -729,12 +747,12 @@ def _same(values):
     return values[0] if len(set(map(str, values))) == 1 else ";".join(map(str, values))
 
 
-def comparison(reports, out_dir):
+def comparison(reports, out_dir, runs=None):
     """Runs grouped by configuration (seeds pooled: mean +- std): comparison.csv / .md (returned),
     per-run comparison_runs.csv / .md, and the figures over runs, curves.png and tradeoff.png
     (comparison_curves.png / comparison_tradeoff.png when out_dir is a run's own folder, whose
-    curves.png is train.py's)."""
-    runs = load_runs(reports)
+    curves.png is train.py's). `runs`: load_runs(reports) unless given (load_run_dirs)."""
+    runs = load_runs(reports) if runs is None else runs
     groups = summarize_groups(runs)
     out_dir.mkdir(parents=True, exist_ok=True)
     run_rows, rows = [], []
@@ -780,7 +798,8 @@ def comparison(reports, out_dir):
         tables[name] = "\n".join(lines) + "\n"
     if any(g["n"] > 1 for g in groups):
         tables["comparison.md"] += (
-            "\nn > 1: the runs differ only in --seed (also ignored: " + ", ".join(RUNTIME_KEYS[1:]) + "); "
+            "\nn > 1: the runs differ only in --seed (also ignored: " + ", ".join(RUNTIME_KEYS[1:]) + "; "
+            "and config.json's " + ", ".join(DERIVED_KEYS) + "); "
             "cells are mean ± std over them, std the sample standard deviation (ddof=1); latency and "
             "img/s are means. Per-run rows: comparison_runs.md / .csv.\n")
     for name, text in tables.items():

@@ -3,6 +3,12 @@
     python studies/report.py            # print the table block
     python studies/report.py --write    # replace README.md's <!-- results:begin --> ... <!-- results:end -->
     python studies/report.py --check    # exit 1 when README.md's block is not what results/ says
+    python studies/report.py --compare results/depth_vs_lr   # its comparison.* and figures again
+
+--compare rebuilds a study folder's comparison.csv / .md, comparison_runs.*, curves.png and
+tradeoff.png with evaluate.py's comparison from its runs' eval.json, config.json and metrics.csv
+(the checkpoints are not in git): the same tables as the study's last step, with seeds pooled as
+mean ± std, nothing measured again. Runs keep the order of the folder's comparison.csv.
 
 TABLE below lists each row's published figures (typed from the papers) and, in the same order,
 the run that stands for each figure: results/<study>/<run>/ or, with SEEDS, every
@@ -10,12 +16,13 @@ results/<study>/<run>-seed<S>/. An "ours" value is the run's eval.json top-1 (or
 error rows) in %, over seeds mean ± std (sample std, ddof=1, evaluate.mean_std: the figures
 evaluate.py's comparison.csv holds), "(n=K)" when K > 1; a run listed in the study's
 diverged.txt counts as diverged; "–" where no run exists; "not yet run" when a row has none.
-The label says the budget the runs had: the hardware of their eval.json (CPU: torch's thread
-count as cores) and config.json's epochs. Runs pooled over seeds must be one configuration
+The label says the budget the runs had: the hardware of their eval.json (on a CPU, torch's
+thread count: "1-thread CPU" for runs under OMP_NUM_THREADS=1) and config.json's epochs. Runs pooled over seeds must be one configuration
 (evaluate.group_runs on their config.json), or this stops with the keys that differ.
 tests/test_report.py checks that README.md holds this block and that its numbers are in results/.
 """
 import argparse
+import csv
 import json
 import re
 import sys
@@ -25,7 +32,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from evaluate import RUNTIME_KEYS, config_key, group_runs, mean_std  # noqa: E402
+from evaluate import RUNTIME_KEYS, comparison, config_key, group_runs, load_run_dirs, mean_std  # noqa: E402
 
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 # (study, rows, published, results/<dir>, the run behind each published figure, metric)
@@ -63,10 +70,10 @@ def pct(v):
 
 
 def hardware(ev):
-    """'2-core CPU' (torch's thread count on the CPU) or the GPU's name, from an eval.json."""
+    """'1-thread CPU' (torch's thread count, all an eval.json records of a CPU) or the GPU's name."""
     if ev.get("device_type") == "cpu":
         m = re.search(r"\((\d+) threads\)$", ev.get("device") or "")
-        return f"{m[1]}-core CPU" if m else "CPU"
+        return f"{m[1]}-thread CPU" if m else "CPU"
     return ev.get("device") or "unknown device"
 
 
@@ -155,6 +162,26 @@ def replace_block(text, new):
     return head + BEGIN + "\n" + new + END + rest.split(END, 1)[1]
 
 
+def compare(study_dir):
+    """evaluate.py's comparison over the finished runs of a study folder (see the docstring)."""
+    study_dir = Path(study_dir)
+    listed = (study_dir / "diverged.txt").read_text().split() if (study_dir / "diverged.txt").is_file() else []
+    dirs = [d for d in sorted(study_dir.iterdir()) if (d / "eval.json").is_file() and d.name not in listed]
+    if len(dirs) < 2:
+        raise ValueError(f"{study_dir}: {len(dirs)} run folder(s) with an eval.json; a comparison needs 2")
+    order = []
+    if (study_dir / "comparison.csv").is_file():
+        with open(study_dir / "comparison.csv", newline="") as f:
+            order = [c for row in csv.DictReader(f) for c in (row.get("checkpoint") or "").split(";")]
+    runs = load_run_dirs(dirs)
+    rank = {id(r): order.index(r["report"].get("checkpoint")) if r["report"].get("checkpoint") in order
+            else len(order) for r in runs}
+    runs.sort(key=lambda r: rank[id(r)])  # stable: runs not in the old table keep their name order
+    table, figures = comparison([r["report"] for r in runs], study_dir, runs=runs)
+    print(table + f"wrote {study_dir}/ comparison.csv comparison.md comparison_runs.csv comparison_runs.md "
+          + " ".join(figures))
+
+
 def get_args_parser():
     p = argparse.ArgumentParser(description="Write the README's study table from results/.")
     p.add_argument("--results", default=str(REPO / "results"), help="results folder (default: the repo's)")
@@ -162,10 +189,16 @@ def get_args_parser():
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--write", action="store_true", help="update the README's marked block")
     mode.add_argument("--check", action="store_true", help="exit 1 if the README's block differs")
+    mode.add_argument("--compare", nargs="+", metavar="STUDY_DIR",
+                      help="rebuild these study folders' comparison tables and figures from their runs' files")
     return p
 
 
 def main(args):
+    if args.compare:
+        for d in args.compare:
+            compare(d)
+        return 0
     new = block(args.results)
     if not (args.write or args.check):
         print(new, end="")

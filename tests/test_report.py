@@ -326,10 +326,10 @@ def test_report_fills_the_ours_cells(tmp_path):
     assert sum(ln.startswith("|") for ln in lines) == len(report.TABLE) + 2
     mean, std = 100 * values.mean(), 100 * values.std(ddof=1)
     mnist_resnet = lines[3].split("|")[4].strip()
-    assert mnist_resnet == f"{mean:.2f} ± {std:.2f} (n=3) / – / – % top-1 (2-core CPU, 3 epochs)"
-    assert lines[2].split("|")[4].strip() == "diverged (3 of 3) / – / – % top-1 (2-core CPU, 3 epochs)"
-    assert lines[8].split("|")[4].strip() == "19.88 / – / – / – / – % test error (2-core CPU, 20 epochs)"
-    assert lines[9].split("|")[4].strip() == "22.12 / – / – / – % test error (2-core CPU, 20 epochs)"
+    assert mnist_resnet == f"{mean:.2f} ± {std:.2f} (n=3) / – / – % top-1 (2-thread CPU, 3 epochs)"
+    assert lines[2].split("|")[4].strip() == "diverged (3 of 3) / – / – % top-1 (2-thread CPU, 3 epochs)"
+    assert lines[8].split("|")[4].strip() == "19.88 / – / – / – / – % test error (2-thread CPU, 20 epochs)"
+    assert lines[9].split("|")[4].strip() == "22.12 / – / – / – % test error (2-thread CPU, 20 epochs)"
     for i in (4, 5, 6, 7, 10):  # CIFAR depth vs lr, residual inception, architectures: nothing ran
         assert lines[i].split("|")[4].strip() == "not yet run", lines[i]
     assert "ddof=1" in report.block(results)
@@ -368,6 +368,43 @@ def test_report_refuses_to_pool_different_configurations(tmp_path):
     p = report.get_args_parser().parse_args(["--results", str(results)])
     with pytest.raises(ValueError):
         report.main(p)
+
+
+def test_compare_rebuilds_a_study_table_from_run_folders(tmp_path):
+    """report.py --compare: evaluate.py's grouped table and figures from eval.json / config.json /
+    metrics.csv alone (results/ keeps no checkpoints); diverged runs out; the old table's order."""
+    study = tmp_path / "study"
+    figures = {"a-seed0": (0.61, 0.90, 1.2, 100.0), "a-seed1": (0.66, 0.93, 1.1, 130.0),
+               "a-seed2": (0.58, 0.88, 1.3, 90.0), "b": (0.40, 0.70, 1.9, 50.0)}
+    for name, (top1, top5, loss, secs) in {**figures, "a-seed3": (0.1, 0.5, 2.3, 1.0)}.items():
+        d = study / name
+        d.mkdir(parents=True)
+        seed = int(name[-1]) if "seed" in name else 0
+        (d / "config.json").write_text(json.dumps({"model": name[0], "lr": 0.1, "seed": seed, "out": str(d),
+                                                   "mean": [seed / 10], "data_dir": f"/data{seed}"}))
+        (d / "eval.json").write_text(json.dumps({
+            "checkpoint": f"/elsewhere/{name}/best.pt", "model": name[0], "dataset": "folder", "epoch": 2,
+            "top1": top1, "top5": top5, "loss": loss, "train_seconds": secs, "params": 1000, "macs": 5000,
+            "latency_ms_batch1": None, "images_per_second": None}))
+        train.write_metrics(history([top1 - 0.1, top1], [loss + 1, loss], [secs / 2] * 2), d / "metrics.csv")
+    (study / "diverged.txt").write_text("a-seed3\n")
+    with open(study / "comparison.csv", "w", newline="") as f:  # the old per-run table: b came first
+        w = csv.writer(f)
+        w.writerow(["run", "top1", "checkpoint"])
+        w.writerows([["b/best.pt", 0.4, "/elsewhere/b/best.pt"]] +
+                    [[f"a-seed{s}/best.pt", 0.6, f"/elsewhere/a-seed{s}/best.pt"] for s in range(3)])
+    assert report.main(report.get_args_parser().parse_args(["--compare", str(study)])) == 0
+    rows = read_csv(study / "comparison.csv")
+    assert [(r["run"], r["n"]) for r in rows] == [("b/best.pt", "1"), ("a-seed{0,1,2}/best.pt", "3")]
+    seeds = np.array([figures[f"a-seed{s}"] for s in range(3)])
+    for j, k in enumerate(("top1", "top5", "loss", "train_seconds")):
+        assert float(rows[1][k]) == pytest.approx(seeds[:, j].mean(), rel=1e-12)
+        assert float(rows[1][k + "_std"]) == pytest.approx(seeds[:, j].std(ddof=1), rel=1e-12)
+    assert len(read_csv(study / "comparison_runs.csv")) == 4  # the diverged run is left out
+    for name in ("curves.png", "tradeoff.png"):
+        assert (study / name).stat().st_size > 10_000
+    with pytest.raises(ValueError, match="needs 2"):
+        report.compare(study / "b")
 
 
 def test_readme_table_is_what_results_holds():
