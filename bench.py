@@ -11,6 +11,7 @@ Every configuration trains through train.py's own train_one_epoch on the tensor 
   compile        eager + torch.compile            threads  eager + the `--threads auto` count (CPU)
   auto           what train.py's auto flags pick for a run of --auto-steps steps (a 20-epoch
                  CIFAR-10 run by default): runtime.pick_speed
+  auto_no_compile  the same without torch.compile (what auto picks for shorter runs)
   classic        the classic CIFAR loop (kuangliu/pytorch-cifar): torchvision Dataset + PIL
                  RandomCrop/Flip + DataLoader(batch 128, 2 workers) + fp32 eager
 Each configuration first runs --warmup untimed steps (compilation included: warmup_seconds), then
@@ -41,10 +42,10 @@ import runtime
 import train
 from runtime import device_name, pick_device
 
-DEFAULT_MODELS = {"cpu": ("resnet20", "resnet56", "vgg11_bn"),
-                  "cuda": ("resnet18", "resnet20", "resnet56", "vgg16_bn", "googlenet")}
+DEFAULT_MODELS = {"cpu": ("resnet20",), "cuda": ("resnet18", "resnet20", "resnet56", "vgg16_bn", "googlenet")}
+DEFAULT_SIDE_MODELS = {"cpu": ("resnet56", "vgg11_bn"), "cuda": ()}
 DEFAULT_BATCH = {"cpu": 128, "cuda": 512}
-CONFIGS = ("eager", "channels_last", "bf16", "compile", "threads", "auto", "classic")
+CONFIGS = ("eager", "channels_last", "bf16", "compile", "threads", "auto_no_compile", "auto", "classic")
 # A 20-epoch CIFAR-10 run at batch 128: 20 x 390 steps (the issue's target run).
 AUTO_STEPS = 20 * (50000 // 128)
 
@@ -54,7 +55,11 @@ def get_args_parser():
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n", 1)[1])
     p.add_argument("--models", nargs="+", choices=sorted(models.MODELS), default=None,
-                   help=f"default: CPU {' '.join(DEFAULT_MODELS['cpu'])}; GPU {' '.join(DEFAULT_MODELS['cuda'])}")
+                   help=f"timed in every configuration (default: CPU {' '.join(DEFAULT_MODELS['cpu'])}; "
+                        f"GPU {' '.join(DEFAULT_MODELS['cuda'])})")
+    p.add_argument("--side-models", nargs="*", choices=sorted(models.MODELS), default=None,
+                   help="also timed, in eager and auto only: the same check on other networks "
+                        f"(default: CPU {' '.join(DEFAULT_SIDE_MODELS['cpu'])}; GPU none)")
     p.add_argument("--dataset", choices=sorted(data.DATASETS), default="cifar10")
     p.add_argument("--data-dir", default="data")
     p.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS),
@@ -165,11 +170,12 @@ def speeds(device, args, default_threads):
     """The speed dict (runtime.pick_speed's shape) of every configuration."""
     off = dict(amp="off", compile="off", channels_last="off", threads=default_threads)
     auto = runtime.pick_speed(device, train_steps=args.auto_steps)
+    auto_no_compile = runtime.pick_speed(device, compile="off")
     table = {"eager": off, "channels_last": {**off, "channels_last": "on"}, "bf16": {**off, "amp": "bf16"},
              "compile": {**off, "compile": "on"}, "threads": {**off, "threads": "auto"},
              "classic": off}
     out = {k: runtime.pick_speed(device, **v) for k, v in table.items()}
-    out["auto"] = auto
+    out["auto"], out["auto_no_compile"] = auto, auto_no_compile
     return out
 
 
@@ -182,7 +188,10 @@ def describe(speed):
 def main(args):
     device = pick_device(args.device)
     args = argparse.Namespace(**vars(args))
-    args.models = args.models or list(DEFAULT_MODELS["cuda" if device.type == "cuda" else "cpu"])
+    kind = "cuda" if device.type == "cuda" else "cpu"
+    args.models = args.models or list(DEFAULT_MODELS[kind])
+    side = [m for m in (DEFAULT_SIDE_MODELS[kind] if args.side_models is None else args.side_models)
+            if m not in args.models]
     args.batch_size = args.batch_size or DEFAULT_BATCH["cuda" if device.type == "cuda" else "cpu"]
     for what, v in (("--steps", args.steps), ("--rounds", args.rounds), ("--batch-size", args.batch_size)):
         if v < 1:
@@ -206,17 +215,18 @@ def main(args):
             "torch": torch.__version__, "python": platform.python_version(), "dataset": args.dataset,
             "image_size": d.image_size, "batch_size": args.batch_size, "steps": args.steps,
             "rounds": args.rounds, "warmup": args.warmup, "auto_steps": args.auto_steps,
-            "auto": runtime.describe_speed(table["auto"]), "command": "python " + " ".join(sys.argv)}
+            "side_models": side, "auto": runtime.describe_speed(table["auto"]), "command": "python " + " ".join(sys.argv)}
     print(f"{meta['cpu'] if device.type == 'cpu' else meta['device']}; {' '.join(meta['cpu_flags'])}; "
           f"torch {meta['torch']}; auto for a {args.auto_steps}-step run: {meta['auto']}", flush=True)
     per_round = -(-args.steps // args.rounds)
     rows, loads = [], []
-    for name in args.models:
+    for name in args.models + side:
         torch.manual_seed(0)
         base = models.build_model(name, d.num_classes, d.in_channels, d.image_size)
         macs = models.count_macs(base, (d.in_channels, d.image_size, d.image_size))
-        trainers = [Trainer(c, base, d, device, args, table[c], default_threads) for c in configs
-                    if c != "classic" or name in classic_models]
+        wanted = [c for c in configs if (c != "classic" or name in classic_models)
+                  and (name in args.models or c in ("eager", "auto"))]
+        trainers = [Trainer(c, base, d, device, args, table[c], default_threads) for c in wanted]
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         for t in trainers:

@@ -18,7 +18,7 @@ VECTOR_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "avx512_
 NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 # torch.compile on the CPU pays back its compile time only after this many training steps
 # (break-even measured for resnet20 in the README's CPU speed section); shorter runs stay eager.
-COMPILE_MIN_STEPS_CPU = 4000
+COMPILE_MIN_STEPS_CPU = 1000
 
 
 def mps_available():
