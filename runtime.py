@@ -18,6 +18,11 @@ AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # The CPU flags (lscpu / /proc/cpuinfo) that decide how fast convolutions and bf16 run here.
 VECTOR_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "avx512_vnni", "avx_vnni",
                 "amx_bf16", "amx_int8", "amx_tile", "neon", "asimd", "sve")
+# A CPU with one of these computes bf16 in hardware; elsewhere bf16 autocast is emulated (slow).
+NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+# torch.compile on the CPU pays back its compile time only after this many training steps
+# (break-even measured for resnet20 in the README's CPU speed section); shorter runs stay eager.
+COMPILE_MIN_STEPS_CPU = 1000
 
 
 def mps_available():
@@ -37,18 +42,142 @@ def pick_device(name="auto"):
     return torch.device(name)
 
 
-def pick_amp(name, device):
-    """The autocast dtype (None: fp32). auto: bf16 on a CUDA GPU that has it in hardware (Ampere
+def pick_amp(name, device, *, training=False):
+    """The autocast dtype (None: fp32); see amp_choice."""
+    return amp_choice(name, device, training=training)[0]
+
+
+def amp_choice(name, device, *, training=False):
+    """(autocast dtype or None, why). auto: bf16 on a CUDA GPU that has it in hardware (Ampere
     and later; is_bf16_supported() alone says yes on older GPUs through slow emulation), fp16
-    there otherwise; fp16 on MPS; off on the CPU."""
+    there otherwise; fp16 on MPS; on the CPU bf16 for training where the CPU computes bf16
+    natively (NATIVE_BF16_FLAGS: AMX or AVX512-BF16; measured for accuracy in the README), fp32
+    elsewhere and for evaluation."""
     device = torch.device(device)
     if name != "auto":
-        return AMP_DTYPES[name]
+        return AMP_DTYPES[name], f"--amp {name}"
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+        if torch.cuda.is_bf16_supported(including_emulation=False):
+            return torch.bfloat16, "CUDA GPU with bf16"
+        return torch.float16, "CUDA GPU without bf16"
     if device.type == "mps":
-        return torch.float16
-    return None
+        return torch.float16, "MPS"
+    native = [f for f in NATIVE_BF16_FLAGS if f in cpu_flags()]
+    if not native:
+        return None, "CPU without native bf16 (no amx_bf16/avx512_bf16)"
+    if not training:
+        return None, "evaluation stays fp32"
+    return torch.bfloat16, f"native bf16 on this CPU: {' '.join(native)}"
+
+
+def _switch(value):
+    """'auto' | 'on' | 'off' from a flag value; True/False from checkpoints written before the
+    flags took a value."""
+    if value is True or value is False or value is None:
+        return "on" if value else "off"
+    return value
+
+
+def pick_compile(value, device, *, train_steps=None):
+    """(compile or not, why). auto: on CUDA; on the CPU for runs of at least
+    COMPILE_MIN_STEPS_CPU training steps, where compiling is repaid; off elsewhere."""
+    value, device = _switch(value), torch.device(device)
+    if value != "auto":
+        return value == "on", f"--compile {value}"
+    if device.type == "cuda":
+        return True, "CUDA"
+    if device.type == "cpu":
+        if train_steps is not None and train_steps >= COMPILE_MIN_STEPS_CPU:
+            return True, f"{train_steps} training steps >= {COMPILE_MIN_STEPS_CPU} repay compiling"
+        return False, (f"{train_steps if train_steps is not None else 'few'} training steps < "
+                       f"{COMPILE_MIN_STEPS_CPU}: compiling would not be repaid")
+    return False, f"{device.type}: not measured"
+
+
+def pick_channels_last(value, device):
+    """(channels_last or not, why). auto: on CUDA and on the CPU (oneDNN's and cuDNN's fast
+    convolutions work in NHWC), off elsewhere."""
+    value, device = _switch(value), torch.device(device)
+    if value != "auto":
+        return value == "on", f"--channels-last {value}"
+    if device.type in ("cuda", "cpu"):
+        return True, f"{device.type}: NHWC convolutions"
+    return False, f"{device.type}: not measured"
+
+
+def busy_cpus(seconds=0.1):
+    """How many of this machine's CPUs other work kept busy over the last `seconds` (Linux
+    /proc/stat; None elsewhere)."""
+    def sample():
+        with open("/proc/stat") as f:
+            v = [int(t) for t in f.readline().split()[1:]]
+        return sum(v), v[3] + (v[4] if len(v) > 4 else 0)  # total, idle + iowait
+    try:
+        total0, idle0 = sample()
+        time.sleep(seconds)
+        total1, idle1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    if total1 <= total0:
+        return None
+    return (os.cpu_count() or 1) * (1 - (idle1 - idle0) / (total1 - total0))
+
+
+def free_threads(default, cpus, busy):
+    """Intra-op threads that fit beside `busy` CPUs of other work on `cpus` CPUs: at most
+    `default`, at least 1."""
+    return max(1, min(default, int(cpus - busy + 0.5)))
+
+
+def pick_threads(value, device):
+    """(intra-op threads, why) for the CPU. None: torch's default (the physical cores). auto:
+    that less the CPUs other processes keep busy as the run starts, at least 1: on a shared CPU
+    a step with more threads than free cores waits at every operator for its slowest,
+    descheduled thread (measured in the README's CPU speed section). Not the default because
+    the thread count changes the order of float sums: runs started under different load would
+    not repeat bit for bit."""
+    device = torch.device(device)
+    default = torch.get_num_threads()
+    if device.type != "cpu":
+        return default, f"{device.type}: unchanged"
+    if value is None:
+        cpus, load = os.cpu_count() or 1, os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+        hint = (f"; load average {load:.1f} on {cpus} CPUs: --threads auto may be faster"
+                if default > 1 and load > cpus - default + 0.5 else "")
+        return default, "torch's default" + hint
+    if value != "auto":
+        return int(value), f"--threads {value}"
+    busy = busy_cpus()
+    if busy is None:
+        return default, "torch's default (no /proc/stat to see other work)"
+    cpus = os.cpu_count() or 1
+    return free_threads(default, cpus, busy), f"{default} by default, {busy:.1f} of {cpus} CPUs busy with other work"
+
+
+def pick_speed(device, *, amp="auto", compile="auto", channels_last="auto", threads=None,
+               train_steps=None):
+    """Every speed choice of a training run in one place: a dict with amp (autocast dtype of the
+    training steps, or None), eval_amp (of the per-epoch evaluation: with auto on the CPU fp32,
+    so the run's test metrics are evaluate.py's), compile, channels_last, threads and why (one
+    reason per choice)."""
+    amp_dtype, amp_why = amp_choice(amp, device, training=True)
+    eval_amp = pick_amp(amp, device)
+    use_compile, compile_why = pick_compile(compile, device, train_steps=train_steps)
+    cl, cl_why = pick_channels_last(channels_last, device)
+    n, threads_why = pick_threads(threads, device)
+    return {"amp": amp_dtype, "eval_amp": eval_amp, "compile": use_compile, "channels_last": cl, "threads": n,
+            "why": {"amp": amp_why, "compile": compile_why, "channels_last": cl_why, "threads": threads_why}}
+
+
+def describe_speed(speed):
+    """One line for a run header: each choice and why."""
+    name = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+    amp, w = name[speed["amp"]], speed["why"]
+    if speed.get("eval_amp", speed["amp"]) != speed["amp"]:
+        amp += f", evaluation {name[speed['eval_amp']]}"
+    return (f"amp {amp} ({w['amp']}), channels_last {'on' if speed['channels_last'] else 'off'} "
+            f"({w['channels_last']}), compile {'on' if speed['compile'] else 'off'} ({w['compile']}), "
+            f"threads {speed['threads']} ({w['threads']})")
 
 
 def cpu_name():

@@ -34,7 +34,8 @@ import checkpoint
 import data
 import models
 from evaluate import evaluate
-from runtime import pick_amp, pick_device
+import runtime
+from runtime import pick_device
 
 AUX_WEIGHT = 0.3  # GoogLeNet paper: auxiliary losses weighted 0.3
 METRIC_COLUMNS = ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "test_loss",
@@ -57,6 +58,7 @@ RECIPES = {
 }
 DEFAULT_LR = {"sgd": 0.1, "adamw": 1e-3}
 DEFAULT_WD = {"sgd": 5e-4, "adamw": 0.05}
+SWITCH = ("auto", "on", "off")
 
 
 # Flags with a fixed default. The parser's own default for every flag is None, so that "given on
@@ -64,7 +66,7 @@ DEFAULT_WD = {"sgd": 5e-4, "adamw": 0.05}
 # fills these in, and --help shows them.
 FLAG_DEFAULTS = dict(val_split=0.0, cutout=0, gamma=0.1, step_size=30, patience=5, warmup_epochs=0.0,
                      label_smoothing=0.0, mixup=0.0, cutmix=0.0, ema=0.0, clip_grad=0.0, amp="auto",
-                     compile=False, compile_mode="default", channels_last=False, device="auto",
+                     compile="auto", compile_mode="default", channels_last="auto", device="auto",
                      workers=4, seed=0, deterministic=False, tensorboard=False)
 
 
@@ -74,6 +76,16 @@ class Diverged(RuntimeError):
 
 class Interrupted(Exception):
     """Ctrl-C during a run (exit 130); the message says how to resume."""
+
+
+def threads_arg(value):
+    """--threads: 'auto' or a positive integer (argparse turns the ValueError into exit 2)."""
+    if value == "auto":
+        return value
+    n = int(value)
+    if n < 1:
+        raise ValueError(value)
+    return n
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -184,11 +196,21 @@ def get_args_parser():
     g.add_argument("--ema", type=fraction, help="EMA decay of weights, e.g. 0.999 (0: off)")
     g.add_argument("--clip-grad", type=number(float, 0), help="max grad norm (0: off)")
     g = p.add_argument_group("speed and runtime")
-    g.add_argument("--amp", choices=("auto", "off", "bf16", "fp16"), help="auto: bf16 on CUDA, off on CPU")
-    g.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    g.add_argument("--amp", choices=("auto", "off", "bf16", "fp16"),
+                   help="autocast dtype. auto: bf16 on CUDA (fp16 on GPUs without bf16); on the CPU "
+                        "bf16 where it is native (amx_bf16 or avx512_bf16), fp32 elsewhere")
+    g.add_argument("--compile", nargs="?", const="on", choices=SWITCH,
+                   help="torch.compile the model (no value: on). auto: on CUDA; on the CPU only for "
+                        f"runs of >= {runtime.COMPILE_MIN_STEPS_CPU} training steps, where the "
+                        "compile time is repaid")
     g.add_argument("--compile-mode",
                    choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"))
-    g.add_argument("--channels-last", action="store_true", default=None)
+    g.add_argument("--channels-last", nargs="?", const="on", choices=SWITCH,
+                   help="NHWC memory format (no value: on). auto: on CUDA and CPU")
+    g.add_argument("--threads", type=threads_arg,
+                   help="CPU intra-op threads (default: torch's, the physical cores). auto: that less "
+                        "the CPUs other processes keep busy at the start, at least 1 (much faster on a "
+                        "shared machine, but runs started under different load do not repeat bit for bit)")
     g.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), help="auto: cuda, then mps (Apple silicon), then cpu")
     g.add_argument("--workers", type=number(int, 0), help="dataloader path only")
     g.add_argument("--seed", type=number(int, 0, 2**32 - 1))
@@ -207,7 +229,7 @@ MODEL_OPTIONS = ("plain", "residual", "aux_logits", "inception_kernel", "stem", 
 # What a resume may change. Given on the command line they apply; unset, epochs and data_dir come
 # from the checkpoint, out is the checkpoint's folder, the rest take their defaults. Every other
 # setting comes from the checkpoint's args (a resume continues the same run).
-RUNTIME_ARGS = ("epochs", "out", "device", "workers", "compile", "compile_mode", "resume",
+RUNTIME_ARGS = ("epochs", "out", "device", "workers", "compile", "compile_mode", "threads", "resume",
                 "tensorboard", "data_dir")
 # Without these a checkpoint holds weights only: it cannot continue a run.
 RESUME_KEYS = ("args", "epoch", "optimizer", "scheduler", "scaler", "rng", "history")
@@ -820,7 +842,6 @@ def main(args):
     device = pick_device(a.device)
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", local_rank)
-    amp_dtype = pick_amp(a.amp, device)
     if a.batch_size % world:
         raise ValueError(f"--batch-size {a.batch_size} must be divisible by the {world} processes")
     torch.manual_seed(a.seed)
@@ -841,6 +862,15 @@ def main(args):
     d = data.load_data(a.dataset, a.data_dir, image_size=a.image_size, channels=a.channels,
                        val_split=a.val_split, limit_train=a.limit_train,
                        limit_test=a.limit_test, seed=a.seed)
+    # Every speed choice in one call (runtime.pick_speed): auto resolves per device and run
+    # length (all epochs, so that a resumed run decides as the uninterrupted one did).
+    switch = {True: "on", False: "off", None: "auto"}  # checkpoints before auto|on|off held booleans
+    speed = runtime.pick_speed(device, amp=a.amp, compile=switch.get(a.compile, a.compile),
+                               channels_last=switch.get(a.channels_last, a.channels_last),
+                               threads=getattr(a, "threads", None),
+                               train_steps=a.epochs * max(1, len(d.train) // a.batch_size))
+    amp_dtype = speed["amp"]
+    torch.set_num_threads(speed["threads"])
     if resume_ck is not None:
         check_resume_data(resume_ck, d, a.resume, a.data_dir)
     opts = model_options(a)
@@ -849,9 +879,9 @@ def main(args):
     model = models.build_model(a.model, d.num_classes, d.in_channels, d.image_size, **opts)
     check_image_size(model, a.model, opts, d.num_classes, d.in_channels, d.image_size)
     d, init = init_weights(model, a, d, resume_ck, verbose=rank == 0)
-    mem = torch.channels_last if a.channels_last else torch.contiguous_format
+    mem = torch.channels_last if speed["channels_last"] else torch.contiguous_format
 
-    loader_kw = dict(mean=d.mean, std=d.std, device=device, channels_last=a.channels_last,
+    loader_kw = dict(mean=d.mean, std=d.std, device=device, channels_last=speed["channels_last"],
                      workers=a.workers, seed=a.seed)
     train_loader = data.make_loader(d.train, batch_size=a.batch_size // world, train=True,
                                     augment=a.augment, cutout=a.cutout, rank=rank,
@@ -883,7 +913,7 @@ def main(args):
         train_model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None,
             find_unused_parameters=bool(opts.get("plain")))
-    if a.compile:  # compiled lazily on the first step: epoch 1's time includes compilation
+    if speed["compile"]:  # compiled lazily on the first step: epoch 1's time includes compilation
         train_model = torch.compile(train_model, mode=None if a.compile_mode == "default" else a.compile_mode)
 
     out = Path(a.out or default_out(a))
@@ -905,6 +935,7 @@ def main(args):
                           image_size=d.image_size, classes=d.classes, mean=list(d.mean),
                           std=list(d.std), init=init, device=str(device), world_size=world,
                           amp_dtype=str(amp_dtype), torch=torch.__version__,
+                          speed={**speed, "amp": str(speed["amp"]), "eval_amp": str(speed["eval_amp"])},
                           train_samples=len(d.train), val_samples=len(d.val) if d.val else 0,
                           test_samples=len(d.test))
             with replacing(out / "config.json") as tmp:
@@ -914,6 +945,7 @@ def main(args):
             print(f"{a.model} on {a.dataset}: {len(d.train)} train / {len(d.val) if d.val else 0} val / "
                   f"{len(d.test)} test, {sum(p.numel() for p in model.parameters()):,} params, "
                   f"device {device}, amp {amp_dtype}, world {world}, out {out}", flush=True)
+            print(f"speed: {runtime.describe_speed(speed)}", flush=True)
 
         tty = is_main and sys.stdout.isatty()
         wall0 = time.perf_counter()
@@ -933,9 +965,10 @@ def main(args):
             train_seconds = time.perf_counter() - t0
             if progress is not None:
                 progress.close()
-            val = evaluate(train_model, val_loader, d.num_classes, amp_dtype=amp_dtype) if val_loader else None
-            test = evaluate(train_model, test_loader, d.num_classes, amp_dtype=amp_dtype)
-            ema_test = evaluate(ema.module, test_loader, d.num_classes, amp_dtype=amp_dtype) if ema else None
+            eval_amp = speed["eval_amp"]
+            val = evaluate(train_model, val_loader, d.num_classes, amp_dtype=eval_amp) if val_loader else None
+            test = evaluate(train_model, test_loader, d.num_classes, amp_dtype=eval_amp)
+            ema_test = evaluate(ema.module, test_loader, d.num_classes, amp_dtype=eval_amp) if ema else None
             bad = [f"{name} loss {r['loss']}" for name, r in (("validation", val), ("test", test),
                                                              ("EMA test", ema_test))
                    if r is not None and not math.isfinite(r["loss"])]
