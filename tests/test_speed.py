@@ -126,6 +126,7 @@ def test_busy_cpus_sees_a_busy_thread():
 def test_bare_flags_mean_on_and_bad_values_exit_2():
     p = train.get_args_parser()
     a = p.parse_args(["--model", "lenet5", "--dataset", "synthetic", "--compile", "--channels-last"])
+    a = train.resolve_args(a)  # unset flags take their defaults there (None on the parser: "not given")
     assert (a.compile, a.channels_last, a.amp, a.threads) == ("on", "on", "auto", None)
     a = p.parse_args(["--compile", "off", "--channels-last", "auto", "--threads", "3"])
     assert p.parse_args(["--threads", "auto"]).threads == "auto"
