@@ -49,9 +49,8 @@ def read_image(path):
         with Image.open(path) as im:
             im.seek(0)
             if im.mode in GRAY_MODES:
-                if im.mode.startswith("I") or im.mode == "F":  # 16-bit gray: the high byte, as torchvision
-                    a = np.asarray(im).astype(np.int64) >> 8 if im.mode != "F" else np.asarray(im) * 255
-                    a = np.clip(a, 0, 255).astype(np.uint8)
+                if im.mode.startswith("I"):  # 16-bit gray: the high byte, as torchvision decodes it
+                    a = np.clip(np.asarray(im).astype(np.int64) >> 8, 0, 255).astype(np.uint8)
                 else:
                     a = np.asarray(im.convert("L"))
                 return a[:, :, None]
