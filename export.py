@@ -290,12 +290,18 @@ def int8_data(ck, args):
                          f"calibrate on; {hint}")
     data_dir = args.data_dir or a.get("data_dir") or "data"
     try:
-        return load_data(name, data_dir, image_size=ck["image_size"], channels=ck["in_channels"],
+        data = load_data(name, data_dir, image_size=ck["image_size"], channels=ck["in_channels"],
                          val_split=a.get("val_split") or 0.0, limit_train=args.calibration,
                          limit_test=a.get("limit_test"), seed=a.get("seed") or 0, download=False)
     except (ValueError, OSError) as e:
         raise ValueError(f"--int8: no {name} training images to calibrate on ({str(e).splitlines()[0]}); "
                          f"point --data-dir at them, {hint}") from None
+    # Other classes are another dataset (refused, one line); the same ones listed in another order
+    # are mapped, so that the int8 check scores the model's outputs against the right labels.
+    data, note = match_classes(data, model_info(ck)["classes"], args.checkpoint)
+    if note:
+        print(f"note: {note}")
+    return data
 
 
 def normalized_batches(split, ck, batch_size):
@@ -469,13 +475,6 @@ def print_table(rows):
 
 
 # --------------------------------------------------------------------------- main
-def positive_int(text):
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} is not a positive integer")
-    return value
-
-
 def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__.split("\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -492,12 +491,12 @@ def get_args_parser():
     p.add_argument("--fp16", action="store_true", help="float16 model with float32 input/output")
     p.add_argument("--int8", action="store_true", help="also <stem>.int8.onnx: static int8 quantization (QDQ, "
                    "per-channel weights) calibrated on training images of the checkpoint's dataset")
-    p.add_argument("--calibration", type=positive_int, default=512, metavar="N",
+    p.add_argument("--calibration", type=int_range(1), default=512, metavar="N",
                    help="training images that calibrate --int8 (a stratified sample; never test images)")
     p.add_argument("--random-calibration", action="store_true",
                    help="--int8 without the training data: calibrate on random inputs (marked as such in the "
                         "output and the metadata; expect lower accuracy)")
-    p.add_argument("--int8-max-drop", type=float, default=1.0, metavar="POINTS",
+    p.add_argument("--int8-max-drop", type=float_range(0, 100), default=1.0, metavar="POINTS",
                    help="--check fails when int8 top-1 is more than this many points below fp32")
     p.add_argument("--ema", action="store_true", help="export the EMA weights when the checkpoint has them")
     p.add_argument("--check", action="store_true", help="compare outputs with PyTorch (exit 1 past --tolerance)")

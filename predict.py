@@ -251,7 +251,7 @@ def image_files(inputs):
     return files
 
 
-def positive_int(text):
+def positive_int(text):  # runtime.int_range would import torch
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text} is not a positive integer")
