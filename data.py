@@ -17,6 +17,7 @@ import gzip
 import hashlib
 import io
 import json
+import math
 import os
 import pickle
 import shutil
@@ -938,6 +939,13 @@ class Loader:
             raise DataError(f"a split of {n} images cannot feed {world_size} processes")
         self.num_samples = per_rank if not train or per_rank < batch_size else per_rank // batch_size * batch_size
         self._len = -(-self.num_samples // batch_size)
+        channels = split.images.shape[1] if split.images is not None else split.reader.channels
+        for what, v in (("mean", mean), ("std", std)):  # from a checkpoint: check before use
+            if (not isinstance(v, (list, tuple)) or len(v) != channels
+                    or not all(isinstance(x, (int, float)) and math.isfinite(x) for x in v)
+                    or what == "std" and not all(x > 0 for x in v)):
+                raise DataError(f"{what} must be {channels} finite numbers{' > 0' if what == 'std' else ''} "
+                                f"for {channels}-channel images (got {_one_line(repr(v), 80)})")
         C = len(mean)
         self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, C, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, C, 1, 1)
@@ -956,9 +964,6 @@ class Loader:
                 sampler=self._sampler, num_workers=workers, pin_memory=self.device.type == "cuda",
                 persistent_workers=workers > 0)
         self.image_size = image_size or self.size
-        channels = self.images.shape[1] if self.on_device else split.reader.channels
-        if not len(mean) == len(std) == channels:
-            raise DataError(f"mean/std have {len(mean)}/{len(std)} values for {channels}-channel images")
 
     def __len__(self):
         return self._len

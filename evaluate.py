@@ -368,6 +368,12 @@ def output_dirs(paths, out):
     return [Path(out) / n for n in names]
 
 
+def recorded_args(ck):
+    """The checkpoint's recorded training arguments (a dict; {} when absent or not a dict)."""
+    a = ck.get("args")
+    return a if isinstance(a, dict) else {}
+
+
 def checkpoint_classes(ck, path):
     """The checkpoint's class names (None when it records none); one line when they cannot
     label its num_classes outputs."""
@@ -385,7 +391,7 @@ def load_eval_data(ck, path, args):
     """The checkpoint's dataset and split, rebuilt from its recorded arguments, labelled in the
     order of the checkpoint's classes (data.match_classes: same names reordered are mapped,
     other names refused)."""
-    a = ck.get("args") or {}
+    a = recorded_args(ck)
     name = args.dataset or a.get("dataset")
     if not name:
         raise ValueError(f"{path} does not record its dataset; pass --dataset")
@@ -466,8 +472,8 @@ def evaluate_checkpoint(path, out, args, device):
     if args.summary:
         print(summary)
 
-    history = ck.get("history") or []
-    seconds = [h.get("epoch_seconds") for h in history if h.get("epoch_seconds") is not None]
+    history = [h for h in ck.get("history") or [] if isinstance(h, dict)] if isinstance(ck.get("history"), list) else []
+    seconds = [h["epoch_seconds"] for h in history if isinstance(h.get("epoch_seconds"), (int, float))]
     report = {
         "checkpoint": str(path), "model": ck["model_name"], "model_options": ck["model_options"],
         "dataset": dataset, "split": args.split, "n": res["n"], "epoch": ck.get("epoch"),
@@ -847,7 +853,8 @@ def main(args):
             raise CheckpointError(f"checkpoint not found: {path}")
     device = pick_device(args.device)
     outs = output_dirs(args.checkpoints, args.out)
-    with out_of_memory_as_error("use a smaller --batch-size (or --no-timing)"):
+    with out_of_memory_as_error("the model or a batch is too large for this device; use a smaller "
+                                "--batch-size (or --no-timing)"):
         reports = [evaluate_checkpoint(p, o, args, device) for p, o in zip(args.checkpoints, outs)]
     if len(reports) > 1:
         out_dir = Path(args.out) if args.out else Path(os.path.commonpath(

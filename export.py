@@ -79,15 +79,24 @@ class Float16(nn.Module):
 # --------------------------------------------------------------------------- metadata
 def model_info(ck):
     """What a deployment needs to know besides the weights, from the checkpoint alone."""
-    n = ck["num_classes"]
-    classes = [str(c) for c in (ck.get("classes") or range(n))]
+    n, c = ck["num_classes"], ck["in_channels"]
+    classes = ck.get("classes") or list(range(n))
     mean, std = ck.get("mean"), ck.get("std")
-    if len(classes) != n or not mean or not std:
-        raise ValueError(f"checkpoint lacks usable classes/mean/std (num_classes={n})")
+    numbers = lambda v, low: isinstance(v, (list, tuple)) and len(v) == c and all(  # noqa: E731
+        isinstance(x, (int, float)) and np.isfinite(x) and x > low for x in v)
+    if (not isinstance(classes, (list, tuple)) or len(classes) != n or not numbers(mean, -np.inf)
+            or not numbers(std, 0)):
+        raise ValueError(f"checkpoint lacks usable classes/mean/std (num_classes={n}, in_channels={c})")
+    classes = [str(x) for x in classes]
     return {"model_name": ck["model_name"], "model_options": dict(ck["model_options"]), "num_classes": n,
             "classes": classes, "mean": [float(m) for m in mean], "std": [float(s) for s in std],
             "image_size": ck["image_size"], "in_channels": ck["in_channels"],
-            "dataset": (ck.get("args") or {}).get("dataset"), "epoch": ck.get("epoch")}
+            "dataset": _args(ck).get("dataset"), "epoch": ck.get("epoch")}
+
+
+def _args(ck):
+    """The checkpoint's recorded training arguments ({} when absent or not a dict)."""
+    return ck["args"] if isinstance(ck.get("args"), dict) else {}
 
 
 def onnx_metadata(info, fp16):
@@ -225,7 +234,7 @@ class OrtRunner:
 # --------------------------------------------------------------------------- check
 def real_images(ck, args, n):
     """Up to n normalized test images of the checkpoint's dataset, or None (and one line) if absent."""
-    a = ck.get("args") or {}
+    a = _args(ck)
     name = a.get("dataset")
     data_dir = args.data_dir or a.get("data_dir") or "data"
     if not name:
@@ -528,6 +537,11 @@ def output_paths(args):
 
 
 def main(args):
+    with out_of_memory_as_error("the model or a batch is too large for this device; use smaller --batch-sizes"):
+        _main(args)
+
+
+def _main(args):
     if any(b < 1 for b in args.batch_sizes) or args.repeats < 1 or args.warmup < 0:
         raise ValueError("--batch-sizes and --repeats must be positive, --warmup non-negative")
     if args.benchmark and args.format == "aoti":
@@ -556,8 +570,7 @@ def main(args):
     if args.benchmark:
         b = max(args.batch_sizes)
         ensure_fits(per_image * b, device, f"a benchmark batch of {b} {size} images", "use smaller --batch-sizes")
-    with out_of_memory_as_error("use smaller --batch-sizes"):
-        run(args, ck, model, info, device)
+    run(args, ck, model, info, device)
 
 
 def run(args, ck, model, info, device):

@@ -494,7 +494,7 @@ def build_model(name, num_classes, in_channels=3, image_size=32, **options):
     """A freshly initialised model; image_size picks the 'auto' stem / head, inputs of any size
     the network can downsample work (adaptive pooling). An image_size below the model's minimum
     (min_image_size) is a ValueError that names the minimum."""
-    if name not in MODELS:
+    if not isinstance(name, str) or name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose from: {', '.join(MODELS)}")
     sizes = {"num_classes": num_classes, "in_channels": in_channels, "image_size": image_size}
     for arg, value in sizes.items():

@@ -225,6 +225,27 @@ def test_classes_shorter_than_num_classes(tmp_path):
     assert one_line(e.value) and "2 class names for its 3 outputs" in str(e.value)
 
 
+@pytest.mark.parametrize("key,value", [("model_name", ["resnet20"]), ("mean", [0.5, 0.5]), ("mean", "abc"),
+                                       ("std", 2.5), ("std", [0.25, 0.0, 0.25]), ("args", [1, 2]),
+                                       ("history", 7), ("history", [1, 2])])
+def test_malformed_checkpoint_fields_are_one_line(tmp_path, key, value):
+    """Fields of the wrong type or length (a hand-edited or foreign checkpoint) used to raise
+    TypeError / AttributeError / RuntimeError tracebacks deep inside evaluate.py and export.py."""
+    path = save_checkpoint(tmp_path / "ck" / "best.pt", models.build_model("resnet20", 10, 3, SIZE),
+                           name="resnet20", num_classes=10, classes=data.DATASETS["synthetic"].classes)
+    checkpoint.save({**torch.load(path, weights_only=True), key: value}, path)
+    try:
+        evaluate_main(path, "--no-timing", "--out", tmp_path / "out")
+    except ValueError as e:
+        assert one_line(e)
+    else:  # a field that does not matter here may be ignored, but then the result is right
+        assert key in ("args", "history") and json.loads((tmp_path / "out" / "eval.json").read_text())["n"] == 40
+    if key in ("mean", "std"):  # export.py reads them for its metadata
+        with pytest.raises(ValueError, match="mean/std") as e:
+            export_main(path, "--out", tmp_path / "m.onnx")
+        assert one_line(e.value) and not (tmp_path / "m.onnx").exists()
+
+
 # ----------------------------------------------------------------------------- empty classes
 
 def test_empty_class_folder_is_dropped_with_a_warning(tmp_path, capsys):
