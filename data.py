@@ -18,6 +18,7 @@ import hashlib
 import io
 import json
 import math
+import numbers
 import os
 import pickle
 import shutil
@@ -942,7 +943,7 @@ class Loader:
         channels = split.images.shape[1] if split.images is not None else split.reader.channels
         for what, v in (("mean", mean), ("std", std)):  # from a checkpoint: check before use
             if (not isinstance(v, (list, tuple)) or len(v) != channels
-                    or not all(isinstance(x, (int, float)) and math.isfinite(x) for x in v)
+                    or not all(isinstance(x, numbers.Real) and math.isfinite(x) for x in v)
                     or what == "std" and not all(x > 0 for x in v)):
                 raise DataError(f"{what} must be {channels} finite numbers{' > 0' if what == 'std' else ''} "
                                 f"for {channels}-channel images (got {_one_line(repr(v), 80)})")

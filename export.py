@@ -29,6 +29,7 @@ import argparse
 import copy
 import ctypes
 import json
+import numbers
 import os
 import sys
 import tempfile
@@ -83,7 +84,7 @@ def model_info(ck):
     classes = ck.get("classes") or list(range(n))
     mean, std = ck.get("mean"), ck.get("std")
     numbers = lambda v, low: isinstance(v, (list, tuple)) and len(v) == c and all(  # noqa: E731
-        isinstance(x, (int, float)) and np.isfinite(x) and x > low for x in v)
+        isinstance(x, numbers.Real) and np.isfinite(x) and x > low for x in v)
     if (not isinstance(classes, (list, tuple)) or len(classes) != n or not numbers(mean, -np.inf)
             or not numbers(std, 0)):
         raise ValueError(f"checkpoint lacks usable classes/mean/std (num_classes={n}, in_channels={c})")
