@@ -83,10 +83,10 @@ def model_info(ck):
     n, c = ck["num_classes"], ck["in_channels"]
     classes = ck.get("classes") or list(range(n))
     mean, std = ck.get("mean"), ck.get("std")
-    numbers = lambda v, low: isinstance(v, (list, tuple)) and len(v) == c and all(  # noqa: E731
+    reals = lambda v, low: isinstance(v, (list, tuple)) and len(v) == c and all(  # noqa: E731
         isinstance(x, numbers.Real) and np.isfinite(x) and x > low for x in v)
-    if (not isinstance(classes, (list, tuple)) or len(classes) != n or not numbers(mean, -np.inf)
-            or not numbers(std, 0)):
+    if (not isinstance(classes, (list, tuple)) or len(classes) != n or not reals(mean, -np.inf)
+            or not reals(std, 0)):
         raise ValueError(f"checkpoint lacks usable classes/mean/std (num_classes={n}, in_channels={c})")
     classes = [str(x) for x in classes]
     return {"model_name": ck["model_name"], "model_options": dict(ck["model_options"]), "num_classes": n,
