@@ -4,6 +4,7 @@
         --models resnet20 resnet56 vgg11_bn --out results/cpu/bench_train_xeon.json
     python bench.py --dataset folder --data-dir /tmp/cifar10-jpeg --out results/bench-gpu.json
     python bench.py --models resnet20 --dataset synthetic --steps 4 --warmup 1 --device cpu
+    python bench.py --loader-only --dataset folder --data-dir /tmp/cifar10-jpeg   # the data pipelines alone
 
 Every configuration trains through train.py's own train_one_epoch on the tensor data path:
   eager          fp32, contiguous, not compiled, torch's default thread count
@@ -28,7 +29,6 @@ import copy
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -40,7 +40,7 @@ import data
 import models
 import runtime
 import train
-from runtime import device_name, pick_device
+from runtime import device_name, int_range, pick_device, run_cli
 
 DEFAULT_MODELS = {"cpu": ("resnet20",), "cuda": ("resnet18", "resnet20", "resnet56", "vgg16_bn", "googlenet")}
 DEFAULT_SIDE_MODELS = {"cpu": ("resnet56", "vgg11_bn"), "cuda": ()}
@@ -65,21 +65,24 @@ def get_args_parser():
     p.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS),
                    help="configurations to time (default: all; threads only where auto differs "
                         "from torch's default)")
-    p.add_argument("--batch-size", type=int, default=None, help="training batch size (CPU 128, GPU 512)")
-    p.add_argument("--steps", type=int, default=30, help="timed steps per configuration, over all rounds")
-    p.add_argument("--rounds", type=int, default=5, help="turns the configurations take")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compile included)")
-    p.add_argument("--auto-steps", type=int, default=AUTO_STEPS,
+    p.add_argument("--batch-size", type=int_range(1), default=None, help="training batch size (CPU 128, GPU 512)")
+    p.add_argument("--steps", type=int_range(1), default=30, help="timed steps per configuration, over all rounds")
+    p.add_argument("--rounds", type=int_range(1), default=5, help="turns the configurations take")
+    p.add_argument("--warmup", type=int_range(0), default=3, help="untimed steps first (compile included)")
+    p.add_argument("--auto-steps", type=int_range(1), default=AUTO_STEPS,
                    help="run length in steps that `auto` decides for (compile on the CPU depends on it)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--threads", type=int_range(1), default=None,
                    help="CPU intra-op threads of every configuration but `threads` (default: torch's)")
     p.add_argument("--compile-mode", default="default",
                    choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"))
     p.add_argument("--classic-models", nargs="*", default=None,
                    help="models that also get the classic loop (default: the first one)")
-    p.add_argument("--classic-batch-size", type=int, default=128)
-    p.add_argument("--classic-workers", type=int, default=2)
+    p.add_argument("--classic-batch-size", type=int_range(1), default=128)
+    p.add_argument("--classic-workers", type=int_range(0), default=2)
+    p.add_argument("--loader-only", action="store_true",
+                   help="time the data pipelines alone: the tensor path against the classic one, no training")
+    p.add_argument("--batches", type=int_range(1), default=100, help="--loader-only: timed batches per pipeline")
     p.add_argument("--out", default=None, help="write the JSON here")
     return p
 
@@ -114,6 +117,92 @@ def sync(device):
     runtime.synchronize(device)
 
 
+# ----------------------------------------------------------------------------- the classic pipeline
+
+class PILDataset(torch.utils.data.Dataset):
+    """A uint8 split served as PIL images, the way torchvision's CIFAR10 class serves them."""
+
+    def __init__(self, images, labels, transform):
+        self.images, self.labels, self.transform = images.permute(0, 2, 3, 1).numpy(), labels.tolist(), transform
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        from PIL import Image
+        img = self.images[i]
+        img = Image.fromarray(img[:, :, 0] if img.shape[2] == 1 else img)
+        return self.transform(img), self.labels[i]
+
+
+def classic_loader(split, *, mean, std, batch_size=128, workers=2, device="cpu"):
+    """The classic pipeline (kuangliu/pytorch-cifar): PIL RandomCrop + flip + ToTensor + Normalize
+    in a torchvision-style Dataset, shuffled by a DataLoader with workers (host tensors out)."""
+    import torchvision.transforms as T
+    if split.images is None:
+        raise ValueError("the classic pipeline needs a split that fits in memory")
+    size = split.images.shape[-1]
+    return torch.utils.data.DataLoader(
+        PILDataset(split.images, split.labels, T.Compose([
+            T.RandomCrop(size, padding=data.crop_padding(size)), T.RandomHorizontalFlip(),
+            T.ToTensor(), T.Normalize(mean, std)])),
+        batch_size=batch_size, shuffle=True, num_workers=workers, drop_last=True,
+        pin_memory=torch.device(device).type == "cuda", persistent_workers=workers > 0)
+
+
+def loader_images_per_second(loader, batches, device):
+    """Steady-state images/s of a loader alone: the first batch (worker start-up, warm-up) is
+    not timed."""
+    it = endless(loader, device)
+    next(it)
+    t0, n = time.perf_counter(), 0
+    for _ in range(batches):
+        x, _ = next(it)
+        n += len(x)
+    sync(device)
+    return n / (time.perf_counter() - t0)
+
+
+def loader_benchmark(args, device):
+    """--loader-only: the tensor path's batches against the classic pipeline's, no training."""
+    d = data.load_data(args.dataset, args.data_dir)
+    if d.train.images is None:
+        raise ValueError("the loader benchmark needs a split that fits in memory")
+    if args.batch_size > len(d.train):  # the classic loader drops the partial batch: no batch at all
+        raise ValueError(f"--batch-size {args.batch_size} is larger than the {len(d.train)} training images")
+    tensor = data.make_loader(d.train, mean=d.mean, std=d.std, batch_size=args.batch_size, train=True,
+                              augment="standard", device=device)
+    classic = classic_loader(d.train, mean=d.mean, std=d.std, batch_size=args.batch_size,
+                             workers=args.classic_workers, device=device)
+    ips_tensor = loader_images_per_second(tensor, args.batches, device)
+    ips_classic = loader_images_per_second(classic, args.batches, device)
+    rows = [(f"tensor path (uint8 on {device.type}, batched augmentation)", ips_tensor),
+            (f"Dataset + PIL transforms + DataLoader({args.classic_workers} workers)", ips_classic)]
+    print(f"{args.dataset}: {len(d.train)} train images {d.in_channels}x{d.image_size}x{d.image_size}, "
+          f"batch {args.batch_size}, {args.batches} batches, standard augmentation, torch {torch.__version__}")
+    print(f"| {'pipeline':<58} | {'images/s':>10} |\n|{'-' * 60}|{'-' * 12}|")
+    for name, v in rows:
+        print(f"| {name:<58} | {v:>10,.0f} |")
+    print(f"| {'speed-up':<58} | {ips_tensor / ips_classic:>9.1f}x |")
+    result = {"dataset": args.dataset, "device": str(device), "cpu": runtime.cpu_name(),
+              "cpu_flags": runtime.cpu_flags(), "torch": torch.__version__, "batch_size": args.batch_size,
+              "batches": args.batches, "workers": args.classic_workers,
+              "tensor_images_per_second": round(ips_tensor, 1),
+              "dataloader_images_per_second": round(ips_classic, 1),
+              "speedup": round(ips_tensor / ips_classic, 2), "command": "python " + " ".join(sys.argv)}
+    print(json.dumps(result))
+    write_json(result, args.out)
+    return result
+
+
+def write_json(result, out):
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(result, indent=2))
+
+
+# ----------------------------------------------------------------------------- training speed
+
 class Trainer:
     """One configuration: its own model copy, optimizer, loader and thread count."""
 
@@ -125,7 +214,7 @@ class Trainer:
         self.model = copy.deepcopy(base_model).to(device, memory_format=mem)
         if name == "classic":
             self.batch_size = args.classic_batch_size
-            loader = data.classic_loader(d.train, mean=d.mean, std=d.std, batch_size=self.batch_size,
+            loader = classic_loader(d.train, mean=d.mean, std=d.std, batch_size=self.batch_size,
                                          workers=args.classic_workers, device=device)
         else:
             self.batch_size = args.batch_size
@@ -136,9 +225,8 @@ class Trainer:
         self.net = self.model
         if speed["compile"]:
             self.net = torch.compile(self.model, mode=None if args.compile_mode == "default" else args.compile_mode)
-        self.hp = argparse.Namespace(lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4,
-                                     optimizer="sgd", seed=0, mixup=0.0, cutmix=0.0, clip_grad=0.0)
-        self.optimizer = train.build_optimizer(self.model, self.hp, device)
+        self.optimizer = train.build_optimizer(self.model, device, optimizer="sgd", lr=0.05, momentum=0.9,
+                                               nesterov=True, weight_decay=5e-4)
         self.schedule = train.Schedule(self.optimizer, "none", 1, 1)
         self.scaler = torch.amp.GradScaler(device.type, enabled=speed["amp"] == torch.float16)
         self.criterion = nn.CrossEntropyLoss()
@@ -148,8 +236,8 @@ class Trainer:
         """n training steps -> images; ends with a host read of the loss (the device is done)."""
         torch.set_num_threads(self.threads)
         _, _, seen = train.train_one_epoch(self.net, Steps(self.stream, n), self.optimizer, self.schedule,
-                                           self.scaler, self.criterion, self.hp, 0, self.device,
-                                           self.speed["amp"])
+                                           self.scaler, self.criterion, epoch=0, device=self.device,
+                                           amp_dtype=self.speed["amp"])
         sync(self.device)
         return seen
 
@@ -196,6 +284,10 @@ def main(args):
     for what, v in (("--steps", args.steps), ("--rounds", args.rounds), ("--batch-size", args.batch_size)):
         if v < 1:
             raise ValueError(f"{what} must be positive")
+    if args.loader_only:
+        if args.batches < 1:
+            raise ValueError("--batches must be positive")
+        return loader_benchmark(args, device)
     torch.backends.cudnn.benchmark = True
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if args.threads is not None:
@@ -268,16 +360,13 @@ def main(args):
               f"{r['images_per_second']:,.0f} | {r['vs_eager'] if r['vs_eager'] is not None else '-'} | "
               f"{r['gflops']} | {r['images_per_cpu_second'] or '-'} | {r['warmup_seconds']} |")
     result = {**meta, "rows": rows}
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2))
+    write_json(result, args.out)
     return result
 
 
+def cli(argv=None):
+    return run_cli(main, get_args_parser(), argv)
+
+
 if __name__ == "__main__":
-    args = get_args_parser().parse_args()
-    try:
-        main(args)
-    except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    sys.exit(cli())

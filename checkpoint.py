@@ -14,6 +14,7 @@ import os
 import pickle
 import re
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -182,3 +183,95 @@ def load_init(path):
         # DDP / torch.compile prefixes from other people's training scripts
         return {re.sub(r"^(module\.|_orig_mod\.)+", "", k): v for k, v in ck.items()}, {"source": str(path)}
     raise CheckpointError(f"{path} is neither a deeper-networks checkpoint nor a state_dict (a dict of tensors)")
+
+
+# ----------------------------------------------------------------------------- the run dir
+# A run dir holds one run: last.pt, best.pt and the files beside them; train.py keeps it locked.
+
+@contextmanager
+def replacing(path):
+    """Yields a temp path beside `path` (same suffix, for matplotlib) to write; renamed over
+    `path` when the block succeeds, removed when anything (Ctrl-C included) interrupts it."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.stem}.tmp{path.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        raise
+
+
+LOCK_NAME = ".lock"
+_IN_USE = {errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK, getattr(errno, "EDEADLOCK", errno.EDEADLK)}
+
+
+def lock_run_dir(out):
+    """An exclusive lock on the run dir for the run's lifetime: returns the open lock file (closing
+    it, or the process ending, releases the lock). A second train.py on the same --out fails at
+    once. fcntl.flock where it exists, msvcrt.locking on Windows, no lock where neither works."""
+    f = open(out / LOCK_NAME, "a+")
+    try:
+        try:
+            import fcntl
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except ImportError:
+            try:
+                import msvcrt
+            except ImportError:
+                return f
+            f.seek(0)
+            msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)
+    except OSError as e:
+        if e.errno not in _IN_USE:
+            return f  # a file system without locks (ENOLCK): run without one
+        f.close()
+        raise ValueError(f"{out} is in use by another train.py run (it holds the lock on "
+                         f"{out / LOCK_NAME}); wait for it to end or pick another --out") from None
+    except BaseException:
+        f.close()
+        raise
+    return f
+
+
+def claim_run_dir(out, resume_path):
+    """A fresh start never writes over a run; a resume writes only into its own run's folder."""
+    last = out / "last.pt"
+    if not last.exists():
+        return
+    if resume_path is None:
+        raise ValueError(f"{out} already holds a run (last.pt); use --resume {last} or another --out")
+    if not os.path.samefile(Path(resume_path).resolve().parent, out):
+        raise ValueError(f"{out} already holds another run (last.pt); resume that one with --resume {last}, "
+                         f"or continue {resume_path} in its own folder or an empty --out")
+
+
+def best_epoch(history):
+    """The epoch best.pt holds by the selection rule: the first epoch with the best validation
+    top-1; with no validation split, the last epoch."""
+    rows = [r for r in history if r.get("val_acc") is not None]
+    if rows:
+        return max(rows, key=lambda r: r["val_acc"])["epoch"]
+    return history[-1]["epoch"] if history else None
+
+
+def repair_best(out, ck, resume_path):
+    """A kill between writing last.pt and best.pt leaves best.pt an epoch behind; resuming puts
+    the best epoch back in best.pt when the checkpoint resumed from is that epoch."""
+    epoch, best = ck["epoch"], out / "best.pt"
+    if best_epoch(ck["history"]) != epoch:
+        return
+    try:
+        if torch.load(best, map_location="cpu", weights_only=True, mmap=True)["epoch"] == epoch:
+            return
+    except Exception:  # missing or unreadable: write it
+        pass
+    last = out / "last.pt"
+    if last.exists() and os.path.samefile(resume_path, last):
+        link(last, best)
+    else:
+        save(ck, best)
+    print(f"best.pt now holds epoch {epoch}, the best epoch (it was missing or older)", flush=True)

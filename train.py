@@ -11,18 +11,27 @@
 Hyperparameters left unset come from a per-dataset recipe (RECIPES below; --help shows them).
 The run dir gets config.json, metrics.csv (one row per epoch), last.pt (every epoch), best.pt
 (best validation top-1; the last epoch when there is no validation split) and curves.png.
+
+Why one file of ~1,000 lines (over the ~650 this repo aims for): the command line is most of it,
+every flag with its range check, the per-dataset recipes and the resume rules (a resume names
+each flag it does not apply), and it reads best beside the run it configures. The run itself is
+the short chain at the bottom: settings -> setup_runtime -> build_run -> open_run_dir ->
+run_epoch / save_epoch per epoch -> finish; the checkpoint format and the run dir's lock live in
+checkpoint.py, device/AMP/compile choices in runtime.py.
 """
+from __future__ import annotations
+
 import argparse
 import copy
 import csv
-import errno
 import dataclasses
+import importlib
 import json
 import math
 import os
 import sys
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -358,25 +367,33 @@ def setup_distributed():
 
 # ----------------------------------------------------------------------------- optimization
 
-def build_optimizer(model, a, device):
-    # No weight decay on BatchNorm/bias parameters (1-D tensors), as in most modern recipes.
-    # Frozen parameters (--freeze-backbone) stay out; --backbone-lr-scale F: the head's groups
-    # first at --lr, then the backbone's at F x --lr (Schedule scales every group alike).
+def build_optimizer(model, device, *, optimizer="sgd", lr, weight_decay, momentum=0.9, nesterov=True,
+                    backbone_lr_scale=None):
+    """SGD or AdamW over the trainable parameters; the optimizer's default lr is the peak `lr`.
+
+    No weight decay on BatchNorm/bias parameters (1-D tensors), as in most modern recipes.
+    Frozen parameters (--freeze-backbone) stay out; --backbone-lr-scale F: the head's groups
+    first at --lr, then the backbone's at F x --lr (Schedule scales every group alike)."""
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    parts = [(params, a.lr)]
-    scale = getattr(a, "backbone_lr_scale", None)
-    if scale and scale != 1:
+    parts = [(params, lr)]
+    if backbone_lr_scale and backbone_lr_scale != 1:
         heads = tuple(h + "." for h in models.head_names(model))
-        parts = [([(n, p) for n, p in params if n.startswith(heads)], a.lr),
-                 ([(n, p) for n, p in params if not n.startswith(heads)], a.lr * scale)]
-    groups = [g for part, lr in parts for g in (
-        {"params": [p for _, p in part if p.ndim > 1], "weight_decay": a.weight_decay, "lr": lr},
-        {"params": [p for _, p in part if p.ndim <= 1], "weight_decay": 0.0, "lr": lr}) if g["params"]]
+        parts = [([(n, p) for n, p in params if n.startswith(heads)], lr),
+                 ([(n, p) for n, p in params if not n.startswith(heads)], lr * backbone_lr_scale)]
+    groups = [g for part, group_lr in parts for g in (
+        {"params": [p for _, p in part if p.ndim > 1], "weight_decay": weight_decay, "lr": group_lr},
+        {"params": [p for _, p in part if p.ndim <= 1], "weight_decay": 0.0, "lr": group_lr}) if g["params"]]
     fused = {"fused": True} if device.type == "cuda" else {}
-    if a.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=a.lr, momentum=a.momentum,
-                               nesterov=bool(a.nesterov and a.momentum > 0), **fused)
-    return torch.optim.AdamW(groups, lr=a.lr, **fused)
+    if optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum,
+                               nesterov=bool(nesterov and momentum > 0), **fused)
+    return torch.optim.AdamW(groups, lr=lr, **fused)
+
+
+def optimizer_options(a):
+    """build_optimizer's keyword arguments from the run's settings."""
+    return dict(optimizer=a.optimizer, lr=a.lr, weight_decay=a.weight_decay, momentum=a.momentum,
+                nesterov=a.nesterov, backbone_lr_scale=getattr(a, "backbone_lr_scale", None))
 
 
 class Schedule:
@@ -491,9 +508,13 @@ def mix_batch(x, y, mixup, cutmix, rng):
     return x, y, y[perm], lam
 
 
-def train_one_epoch(model, loader, optimizer, schedule, scaler, criterion, a, epoch, device,
-                    amp_dtype, ema=None, progress=None):
+def train_one_epoch(model, loader, optimizer, schedule, scaler, criterion, *, epoch, device,
+                    amp_dtype=None, mixup=0.0, cutmix=0.0, clip_grad=0.0, seed=0, rank=0, ema=None,
+                    progress=None):
     """One pass over the training loader. Returns (mean loss, accuracy, images seen).
+
+    mixup / cutmix: Beta alphas (0: off); clip_grad: max gradient norm (0: off); the mixing draws
+    come from a generator seeded by (seed, epoch, rank), so each DDP rank mixes differently.
 
     Loss and accuracy are accumulated on the device; the host syncs only every CHECK_EVERY
     steps and after the last one, to catch a non-finite loss or model early: the check after
@@ -505,10 +526,10 @@ def train_one_epoch(model, loader, optimizer, schedule, scaler, criterion, a, ep
     correct = torch.zeros((), device=device)
     first_bad = torch.full((), -1, device=device, dtype=torch.long)
     seen = 0
-    rng = np.random.default_rng([a.seed, epoch, int(os.environ.get("RANK", 0))])
+    rng = np.random.default_rng([seed, epoch, rank])
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
     for step, (x, y) in enumerate(loader):
-        x, y, y2, lam = mix_batch(x, y, a.mixup, a.cutmix, rng)
+        x, y, y2, lam = mix_batch(x, y, mixup, cutmix, rng)
         with autocast:
             out = model(x)
             aux = ()
@@ -519,9 +540,9 @@ def train_one_epoch(model, loader, optimizer, schedule, scaler, criterion, a, ep
                 loss = loss + AUX_WEIGHT * criterion(o, y)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
-        if a.clip_grad > 0:
+        if clip_grad > 0:
             scaler.unscale_(optimizer)
-            nn.utils.clip_grad_norm_(model.parameters(), a.clip_grad)
+            nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
         scaler.step(optimizer)
         scaler.update()
         schedule.step()
@@ -538,11 +559,11 @@ def train_one_epoch(model, loader, optimizer, schedule, scaler, criterion, a, ep
             bad_step, bad_model = any_rank(torch.stack([first_bad, model_bad]))
             if bad_step >= 0:
                 raise Diverged(f"loss became non-finite at epoch {epoch + 1}, step {bad_step + 1}; "
-                               f"{DIVERGED_HINT.format(lr=a.lr)}")
+                               f"{DIVERGED_HINT.format(lr=optimizer.defaults['lr'])}")
             if bad_model:
                 raise Diverged(f"the model's weights or BatchNorm statistics became non-finite at epoch "
                                f"{epoch + 1} (by step {step + 1}; the loss was still finite); "
-                               f"{DIVERGED_HINT.format(lr=a.lr)}")
+                               f"{DIVERGED_HINT.format(lr=optimizer.defaults['lr'])}")
         if progress is not None:
             progress.update(1)
     if dist.is_initialized():
@@ -583,25 +604,8 @@ def unwrap(model):
 
 # ----------------------------------------------------------------------------- files
 
-@contextmanager
-def replacing(path):
-    """Yields a temp path beside `path` (same suffix, for matplotlib) to write; renamed over
-    `path` when the block succeeds, removed when anything (Ctrl-C included) interrupts it."""
-    path = Path(path)
-    tmp = path.with_name(f"{path.stem}.tmp{path.suffix}")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.remove(tmp)
-        except OSError:
-            pass
-        raise
-
-
 def write_metrics(history, path):
-    with replacing(path) as tmp, open(tmp, "w", newline="") as f:
+    with checkpoint.replacing(path) as tmp, open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, METRIC_COLUMNS)
         w.writeheader()
         for row in history:
@@ -631,7 +635,7 @@ def plot_curves(history, path, title=""):
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    with replacing(path) as tmp:
+    with checkpoint.replacing(path) as tmp:
         fig.savefig(tmp, dpi=110)
 
 
@@ -649,45 +653,6 @@ def one_line(text):
 
 
 # ----------------------------------------------------------------------------- checks
-
-def check_image_size(model, name, opts, num_classes, in_channels, size):
-    """Refuse, in one line naming the smallest size that works, an image size the model cannot
-    take. One zero image through the model in eval mode (no state changes, no randomness): its
-    cost is a small fraction of one training step."""
-    err = _forward_error(model, in_channels, size)
-    if err is None:
-        return
-
-    def fits(s):
-        try:
-            return _forward_error(models.build_model(name, num_classes, in_channels, s, **opts),
-                                  in_channels, s) is None
-        except (ValueError, RuntimeError):
-            return False
-    lo, hi = size, max(2 * size, 16)  # the model's smallest size lies in (lo, hi]
-    while hi <= 256 and not fits(hi):
-        lo, hi = hi, 2 * hi
-    if hi > 256:
-        raise ValueError(f"{name} cannot run on {size}x{size} px images: {err}")
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (lo, mid) if fits(mid) else (mid, hi)
-    raise ValueError(f"{name} needs images of at least {hi}x{hi} px, these are {size}x{size} "
-                     f"(--image-size {hi} or more resizes them)")
-
-
-def _forward_error(model, in_channels, size):
-    """None if one zero image of size x size goes through `model`, else the error's first line."""
-    was_training = model.training
-    try:
-        with torch.no_grad():
-            model.eval()(torch.zeros(1, in_channels, size, size))
-        return None
-    except RuntimeError as e:
-        return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    finally:
-        model.train(was_training)
-
 
 def check_resumable(ck, path):
     missing = [k for k in RESUME_KEYS if ck.get(k) is None]
@@ -734,80 +699,6 @@ def restore_state(ck, path, optimizer, schedule, scaler, ema, device):
                                          f"run ({type(e).__name__}: {one_line(e)[:200]})") from None
 
 
-# ----------------------------------------------------------------------------- run dir
-
-LOCK_NAME = ".lock"
-_IN_USE = {errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK, getattr(errno, "EDEADLOCK", errno.EDEADLK)}
-
-
-def lock_run_dir(out):
-    """An exclusive lock on the run dir for the run's lifetime: returns the open lock file (closing
-    it, or the process ending, releases the lock). A second train.py on the same --out fails at
-    once. fcntl.flock where it exists, msvcrt.locking on Windows, no lock where neither works."""
-    f = open(out / LOCK_NAME, "a+")
-    try:
-        try:
-            import fcntl
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except ImportError:
-            try:
-                import msvcrt
-            except ImportError:
-                return f
-            f.seek(0)
-            msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)
-    except OSError as e:
-        if e.errno not in _IN_USE:
-            return f  # a file system without locks (ENOLCK): run without one
-        f.close()
-        raise ValueError(f"{out} is in use by another train.py run (it holds the lock on "
-                         f"{out / LOCK_NAME}); wait for it to end or pick another --out") from None
-    except BaseException:
-        f.close()
-        raise
-    return f
-
-
-def claim_run_dir(out, resume_path):
-    """A fresh start never writes over a run; a resume writes only into its own run's folder."""
-    last = out / "last.pt"
-    if not last.exists():
-        return
-    if resume_path is None:
-        raise ValueError(f"{out} already holds a run (last.pt); use --resume {last} or another --out")
-    if not os.path.samefile(Path(resume_path).resolve().parent, out):
-        raise ValueError(f"{out} already holds another run (last.pt); resume that one with --resume {last}, "
-                         f"or continue {resume_path} in its own folder or an empty --out")
-
-
-def best_epoch(history):
-    """The epoch best.pt holds by the selection rule: the first epoch with the best validation
-    top-1; with no validation split, the last epoch."""
-    rows = [r for r in history if r.get("val_acc") is not None]
-    if rows:
-        return max(rows, key=lambda r: r["val_acc"])["epoch"]
-    return history[-1]["epoch"] if history else None
-
-
-def repair_best(out, ck, resume_path):
-    """A kill between writing last.pt and best.pt leaves best.pt an epoch behind; resuming puts
-    the best epoch back in best.pt when the checkpoint resumed from is that epoch."""
-    epoch, best = ck["epoch"], out / "best.pt"
-    if best_epoch(ck["history"]) != epoch:
-        return
-    try:
-        if torch.load(best, map_location="cpu", weights_only=True, mmap=True)["epoch"] == epoch:
-            return
-    except Exception:  # missing or unreadable: write it
-        pass
-    last = out / "last.pt"
-    if last.exists() and os.path.samefile(resume_path, last):
-        checkpoint.link(last, best)
-    else:
-        checkpoint.save(ck, best)
-    print(f"best.pt now holds epoch {epoch}, the best epoch (it was missing or older)", flush=True)
-
-
 def interrupted(epoch, out, resume=None):
     """The line Ctrl-C prints: where the run stopped and the command that continues it."""
     last = out / "last.pt" if out is not None else None
@@ -818,11 +709,39 @@ def interrupted(epoch, out, resume=None):
     return f"interrupted at epoch {epoch}, before the first checkpoint: nothing to resume"
 
 
-# ----------------------------------------------------------------------------- main
+# ----------------------------------------------------------------------------- the steps of a run
 
-def main(args):
-    """One training run. Errors a user can act on are raised with one-line messages (ValueError,
-    checkpoint.CheckpointError, OSError, Diverged), Ctrl-C as Interrupted; cli() prints them."""
+@dataclasses.dataclass
+class Run:
+    """Everything one run trains with, built by build_run()."""
+    a: argparse.Namespace
+    d: data.Data
+    device: torch.device
+    speed: dict
+    rank: int
+    world: int
+    opts: dict
+    init: dict | None
+    model: nn.Module  # the plain module: what checkpoints and the EMA hold
+    train_model: nn.Module  # the same under DDP / torch.compile: what trains and evaluates
+    optimizer: torch.optim.Optimizer
+    schedule: Schedule
+    scaler: torch.amp.GradScaler
+    ema: EMA | None
+    criterion: nn.Module
+    loaders: dict
+    history: list
+    start_epoch: int
+    best_val: float
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+
+def settings(args):
+    """(a, resume_ck): the run's settings, every unset flag filled in, checked; on --resume the
+    checkpoint's settings with the runtime flags given now (a warning names each flag ignored)."""
     resume_ck = None
     if args.resume:
         resume_ck = checkpoint.load_checkpoint(args.resume)
@@ -837,7 +756,18 @@ def main(args):
     a = resolve_args(args)
     check_args(a)
     check_transfer_args(a)
+    if a.tensorboard:
+        try:
+            importlib.import_module("torch.utils.tensorboard")
+        except ImportError:
+            raise ValueError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
+    return a, resume_ck
 
+
+def setup_runtime(a):
+    """(rank, world, device): the process group under torchrun, the device, the seed, and the
+    kernels' determinism (TF32 rounds matmul/conv inputs to 10 mantissa bits: off under
+    --deterministic)."""
     rank, world, local_rank = setup_distributed()
     device = pick_device(a.device)
     if device.type == "cuda" and world > 1:
@@ -847,194 +777,230 @@ def main(args):
     torch.manual_seed(a.seed)
     if a.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
-    else:
-        torch.backends.cudnn.benchmark = True
-    # TF32 rounds matmul/conv inputs to 10 mantissa bits: off under --deterministic
+    torch.backends.cudnn.benchmark = not a.deterministic
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = not a.deterministic
-    writer = None
-    if a.tensorboard:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            raise ValueError("--tensorboard needs the tensorboard package: pip install tensorboard")
+    return rank, world, device
 
-    d = data.load_data(a.dataset, a.data_dir, image_size=a.image_size, channels=a.channels,
-                       val_split=a.val_split, limit_train=a.limit_train,
-                       limit_test=a.limit_test, seed=a.seed)
-    # Every speed choice in one call (runtime.pick_speed): auto resolves per device and run
-    # length (all epochs, so that a resumed run decides as the uninterrupted one did).
+
+def choose_speed(a, device, d):
+    """Every speed choice in one call (runtime.pick_speed): auto resolves per device and run
+    length (all epochs, so that a resumed run decides as the uninterrupted one did)."""
     switch = {True: "on", False: "off", None: "auto"}  # checkpoints before auto|on|off held booleans
     speed = runtime.pick_speed(device, amp=a.amp, compile=switch.get(a.compile, a.compile),
                                channels_last=switch.get(a.channels_last, a.channels_last),
                                threads=getattr(a, "threads", None),
                                train_steps=a.epochs * max(1, len(d.train) // a.batch_size))
-    amp_dtype = speed["amp"]
     torch.set_num_threads(speed["threads"])
+    return speed
+
+
+def build_run(a, d, device, rank, world, resume_ck):
+    """The model (initialised, or restored from the checkpoint resumed), loaders, optimizer,
+    schedule, scaler, EMA and loss of a run, and where it starts."""
+    speed = choose_speed(a, device, d)
     if resume_ck is not None:
         check_resume_data(resume_ck, d, a.resume, a.data_dir)
     opts = model_options(a)
     if a.pretrained:  # torchvision's layout: ImageNet stem, VGG's paper head, GoogLeNet's 3x3 kernel
         opts = models.pretrained_options(a.model, opts)
     model = models.build_model(a.model, d.num_classes, d.in_channels, d.image_size, **opts)
-    check_image_size(model, a.model, opts, d.num_classes, d.in_channels, d.image_size)
     d, init = init_weights(model, a, d, resume_ck, verbose=rank == 0)
-    mem = torch.channels_last if speed["channels_last"] else torch.contiguous_format
-
     loader_kw = dict(mean=d.mean, std=d.std, device=device, channels_last=speed["channels_last"],
                      workers=a.workers, seed=a.seed)
-    train_loader = data.make_loader(d.train, batch_size=a.batch_size // world, train=True,
-                                    augment=a.augment, cutout=a.cutout, rank=rank,
-                                    world_size=world, **loader_kw)
     eval_bs = max(256, a.batch_size)
-    val_loader = data.make_loader(d.val, batch_size=eval_bs, train=False, **loader_kw) if d.val else None
-    test_loader = data.make_loader(d.test, batch_size=eval_bs, train=False, **loader_kw)
-
+    loaders = {"train": data.make_loader(d.train, batch_size=a.batch_size // world, train=True,
+                                         augment=a.augment, cutout=a.cutout, rank=rank,
+                                         world_size=world, **loader_kw),
+               "val": data.make_loader(d.val, batch_size=eval_bs, train=False, **loader_kw) if d.val else None,
+               "test": data.make_loader(d.test, batch_size=eval_bs, train=False, **loader_kw)}
     if resume_ck is not None:
-        checkpoint.load_weights(model, models.upgrade_state_dict(a.model, resume_ck["model"]), resume_ck["model_name"],
-                                f"cannot resume {a.resume}: its weights")
-    model = model.to(device, memory_format=mem)
-    optimizer = build_optimizer(model, a, device)
-    schedule = Schedule(optimizer, a.scheduler, a.epochs, len(train_loader), a.warmup_epochs,
+        checkpoint.load_weights(model, models.upgrade_state_dict(a.model, resume_ck["model"]),
+                                resume_ck["model_name"], f"cannot resume {a.resume}: its weights")
+    model = model.to(device, memory_format=torch.channels_last if speed["channels_last"] else torch.contiguous_format)
+    optimizer = build_optimizer(model, device, **optimizer_options(a))
+    schedule = Schedule(optimizer, a.scheduler, a.epochs, len(loaders["train"]), a.warmup_epochs,
                         a.milestones, a.gamma, a.step_size, a.patience)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    scaler = torch.amp.GradScaler(device.type, enabled=speed["amp"] == torch.float16)
     ema = EMA(model, a.ema) if a.ema > 0 else None
-    criterion = nn.CrossEntropyLoss(label_smoothing=a.label_smoothing)
     history, start_epoch, best_val = [], 0, -1.0
     if resume_ck is not None:
         restore_state(resume_ck, a.resume, optimizer, schedule, scaler, ema, device)
-        history = list(resume_ck["history"])
-        start_epoch = resume_ck["epoch"]
+        history, start_epoch = list(resume_ck["history"]), resume_ck["epoch"]
         best_val = max([r["val_acc"] for r in history if r.get("val_acc") is not None], default=-1.0)
-
     train_model = model
-    if world > 1:
-        # Plain ImageNet ResNets keep (unused) projection convs for parameter parity.
+    if world > 1:  # plain ImageNet ResNets keep (unused) projection convs for parameter parity
         train_model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None,
             find_unused_parameters=bool(opts.get("plain")))
     if speed["compile"]:  # compiled lazily on the first step: epoch 1's time includes compilation
         train_model = torch.compile(train_model, mode=None if a.compile_mode == "default" else a.compile_mode)
+    return Run(a=a, d=d, device=device, speed=speed, rank=rank, world=world, opts=opts, init=init,
+               model=model, train_model=train_model, optimizer=optimizer, schedule=schedule, scaler=scaler,
+               ema=ema, criterion=nn.CrossEntropyLoss(label_smoothing=a.label_smoothing), loaders=loaders,
+               history=history, start_epoch=start_epoch, best_val=best_val)
 
-    out = Path(a.out or default_out(a))
-    is_main = rank == 0
-    lock, epoch = None, start_epoch
+
+def check_not_finished(run):
+    if run.start_epoch >= run.a.epochs:
+        raise ValueError(f"{run.a.resume} already finished {run.start_epoch} epochs; "
+                         f"pass --epochs N with N > {run.start_epoch} to train further")
+
+
+def open_run_dir(run, out, resume_ck):
+    """Lock the run dir (returns the lock), refuse one that holds another run, repair best.pt on a
+    resume, write config.json and print the run's header."""
+    a, d = run.a, run.d
+    out.mkdir(parents=True, exist_ok=True)
+    lock = checkpoint.lock_run_dir(out)  # held until the run ends: one train.py per run dir
     try:
-        if is_main:
-            out.mkdir(parents=True, exist_ok=True)
-            lock = lock_run_dir(out)  # held until the run ends: one train.py per run dir
-            claim_run_dir(out, a.resume)
-            if resume_ck is not None:
-                repair_best(out, resume_ck, a.resume)
-        if start_epoch >= a.epochs:
-            raise ValueError(f"{a.resume} already finished {start_epoch} epochs; "
-                             f"pass --epochs N with N > {start_epoch} to train further")
-        if is_main:
-            config = {k: plain(v) for k, v in vars(a).items()}
-            config.update(model_options=opts, num_classes=d.num_classes, in_channels=d.in_channels,
-                          image_size=d.image_size, classes=d.classes, mean=list(d.mean),
-                          std=list(d.std), init=init, device=str(device), world_size=world,
-                          amp_dtype=str(amp_dtype), torch=torch.__version__,
-                          speed={**speed, "amp": str(speed["amp"]), "eval_amp": str(speed["eval_amp"])},
-                          train_samples=len(d.train), val_samples=len(d.val) if d.val else 0,
-                          test_samples=len(d.test))
-            with replacing(out / "config.json") as tmp:
-                tmp.write_text(json.dumps(config, indent=2))
+        checkpoint.claim_run_dir(out, a.resume)
+        if resume_ck is not None:
+            checkpoint.repair_best(out, resume_ck, a.resume)
+        check_not_finished(run)
+        config = {k: plain(v) for k, v in vars(a).items()}
+        config.update(model_options=run.opts, num_classes=d.num_classes, in_channels=d.in_channels,
+                      image_size=d.image_size, classes=d.classes, mean=list(d.mean), std=list(d.std),
+                      init=run.init, device=str(run.device), world_size=run.world,
+                      amp_dtype=str(run.speed["amp"]), torch=torch.__version__,
+                      speed={**run.speed, "amp": str(run.speed["amp"]), "eval_amp": str(run.speed["eval_amp"])},
+                      train_samples=len(d.train), val_samples=len(d.val) if d.val else 0,
+                      test_samples=len(d.test))
+        with checkpoint.replacing(out / "config.json") as tmp:
+            tmp.write_text(json.dumps(config, indent=2))
+    except BaseException:
+        lock.close()
+        raise
+    print(f"{a.model} on {a.dataset}: {len(d.train)} train / {len(d.val) if d.val else 0} val / "
+          f"{len(d.test)} test, {sum(p.numel() for p in run.model.parameters()):,} params, "
+          f"device {run.device}, amp {run.speed['amp']}, world {run.world}, out {out}", flush=True)
+    print(f"speed: {runtime.describe_speed(run.speed)}", flush=True)
+    return lock
+
+
+def run_epoch(run, epoch, progress=None):
+    """Train one epoch, then evaluate: the epoch's metrics row and its validation result.
+    Raises Diverged unless the loss, every tensor of the model and its EMA after the last step,
+    and the evaluation losses are finite: what save_epoch() writes is exactly what was checked."""
+    a, d, loaders, eval_amp = run.a, run.d, run.loaders, run.speed["eval_amp"]
+    loaders["train"].set_epoch(epoch)
+    t0 = time.perf_counter()
+    lr = run.optimizer.param_groups[0]["lr"]
+    train_loss, train_acc, seen = train_one_epoch(
+        run.train_model, loaders["train"], run.optimizer, run.schedule, run.scaler, run.criterion,
+        epoch=epoch, device=run.device, amp_dtype=run.speed["amp"], mixup=a.mixup, cutmix=a.cutmix,
+        clip_grad=a.clip_grad, seed=a.seed, rank=run.rank, ema=run.ema, progress=progress)
+    train_seconds = time.perf_counter() - t0
+    if progress is not None:
+        progress.close()
+    val = evaluate(run.train_model, loaders["val"], d.num_classes, amp_dtype=eval_amp) if loaders["val"] else None
+    test = evaluate(run.train_model, loaders["test"], d.num_classes, amp_dtype=eval_amp)
+    ema_test = evaluate(run.ema.module, loaders["test"], d.num_classes, amp_dtype=eval_amp) if run.ema else None
+    bad = [f"{name} loss {r['loss']}" for name, r in (("validation", val), ("test", test), ("EMA test", ema_test))
+           if r is not None and not math.isfinite(r["loss"])]
+    if bad:  # finite weights whose eval-mode outputs are not (e.g. huge BatchNorm statistics)
+        raise Diverged(f"the model's outputs became non-finite at epoch {epoch + 1} ({', '.join(bad)}); "
+                       f"{DIVERGED_HINT.format(lr=a.lr)}")
+    run.schedule.epoch_end(val["loss"] if val else None)
+    row = dict(epoch=epoch + 1, lr=lr, train_loss=train_loss, train_acc=train_acc,
+               val_loss=val["loss"] if val else None, val_acc=val["top1"] if val else None,
+               test_loss=test["loss"], test_top1=test["top1"], test_top5=test["top5"],
+               epoch_seconds=time.perf_counter() - t0, images_per_second=seen / train_seconds,
+               ema_test_top1=ema_test["top1"] if ema_test else None)
+    run.history.append(row)
+    return row, val
+
+
+def save_epoch(run, out, val, writer=None):
+    """last.pt, then best.pt as a second name for the same file when this epoch is the best (one
+    write: a kill in between leaves best.pt an epoch behind, and the resume repairs it),
+    metrics.csv and TensorBoard. Returns whether validation top-1 improved."""
+    a, d, row = run.a, run.d, run.history[-1]
+    ck = checkpoint.make_checkpoint(
+        model_name=a.model, model_options=run.opts, num_classes=d.num_classes, in_channels=d.in_channels,
+        image_size=d.image_size, classes=d.classes, mean=d.mean, std=d.std,
+        args={k: plain(v) for k, v in vars(a).items()}, epoch=row["epoch"], model=run.model.state_dict(),
+        ema=run.ema.module.state_dict() if run.ema else None, optimizer=run.optimizer.state_dict(),
+        scheduler=run.schedule.state_dict(), scaler=run.scaler.state_dict(),
+        rng={"torch": torch.get_rng_state(),
+             "cuda": torch.cuda.get_rng_state_all() if run.device.type == "cuda" else []},
+        history=run.history, init=run.init)
+    checkpoint.save(ck, out / "last.pt")
+    improved = val is not None and val["top1"] > run.best_val
+    if improved or val is None:
+        run.best_val = val["top1"] if val else run.best_val
+        checkpoint.link(out / "last.pt", out / "best.pt")
+    write_metrics(run.history, out / "metrics.csv")
+    if writer is not None:
+        for k, v in row.items():
+            if k != "epoch" and v is not None:
+                writer.add_scalar(k, v, row["epoch"])
+    return improved
+
+
+def epoch_line(row, epochs):
+    msg = (f"epoch {row['epoch']}/{epochs} lr {row['lr']:.4g} train loss {row['train_loss']:.4f} "
+           f"acc {100 * row['train_acc']:.2f}% | ")
+    if row["val_loss"] is not None:
+        msg += f"val loss {row['val_loss']:.4f} acc {100 * row['val_acc']:.2f}% | "
+    msg += (f"test loss {row['test_loss']:.4f} top-1 {100 * row['test_top1']:.2f}% "
+            f"top-5 {100 * row['test_top5']:.2f}% | {row['epoch_seconds']:.1f}s "
+            f"{row['images_per_second']:.0f} img/s")
+    if row["ema_test_top1"] is not None:
+        msg += f" | ema top-1 {100 * row['ema_test_top1']:.2f}%"
+    return msg
+
+
+def finish(run, out, session_seconds):
+    """curves.png and the closing summary line."""
+    a, history = run.a, run.history
+    plot_curves(history, out / "curves.png", f"{a.model} on {a.dataset}, run {out.name}")
+    last = history[-1]
+    best = max((r for r in history if r.get("val_acc") is not None), key=lambda r: r["val_acc"], default=None)
+    train_time = sum(r["epoch_seconds"] for r in history)
+    ips = sum(r["images_per_second"] for r in history) / len(history)
+    print(f"done: {a.model} on {a.dataset}, {last['epoch']} epochs"
+          + (f", best val top-1 {100 * best['val_acc']:.2f}% (epoch {best['epoch']})" if best else "")
+          + f", final test top-1 {100 * last['test_top1']:.2f}% top-5 {100 * last['test_top5']:.2f}%"
+          f", train time {train_time:.1f}s (this session {session_seconds:.1f}s)"
+          f", {ips:.0f} img/s; checkpoints in {out}", flush=True)
+
+
+def main(args):
+    """One training run. Errors a user can act on are raised with one-line messages (ValueError,
+    checkpoint.CheckpointError, OSError, Diverged), Ctrl-C as Interrupted; cli() prints them."""
+    a, resume_ck = settings(args)
+    rank, world, device = setup_runtime(a)
+    d = data.load_data(a.dataset, a.data_dir, image_size=a.image_size, channels=a.channels,
+                       val_split=a.val_split, limit_train=a.limit_train, limit_test=a.limit_test, seed=a.seed)
+    run = build_run(a, d, device, rank, world, resume_ck)
+    out = Path(a.out or default_out(a))
+    lock, writer, epoch = None, None, run.start_epoch
+    try:
+        if run.is_main:
+            lock = open_run_dir(run, out, resume_ck)
+            resume_ck = None  # its state lives in the run now
             if a.tensorboard:
+                from torch.utils.tensorboard import SummaryWriter
                 writer = SummaryWriter(str(out / "tb"))
-            print(f"{a.model} on {a.dataset}: {len(d.train)} train / {len(d.val) if d.val else 0} val / "
-                  f"{len(d.test)} test, {sum(p.numel() for p in model.parameters()):,} params, "
-                  f"device {device}, amp {amp_dtype}, world {world}, out {out}", flush=True)
-            print(f"speed: {runtime.describe_speed(speed)}", flush=True)
-
-        tty = is_main and sys.stdout.isatty()
+        else:
+            check_not_finished(run)
         wall0 = time.perf_counter()
-        for epoch in range(start_epoch, a.epochs):
-            train_loader.set_epoch(epoch)
+        for epoch in range(run.start_epoch, a.epochs):
             progress = None
-            if tty:
+            if run.is_main and sys.stdout.isatty():
                 from tqdm import tqdm
-                progress = tqdm(total=len(train_loader), desc=f"epoch {epoch + 1}/{a.epochs}", leave=False)
-            t0 = time.perf_counter()
-            lr = optimizer.param_groups[0]["lr"]
-            # Raises Diverged unless the loss and, after the last step, every tensor of the model
-            # and its EMA are finite: what is saved below is exactly what it checked.
-            train_loss, train_acc, seen = train_one_epoch(
-                train_model, train_loader, optimizer, schedule, scaler, criterion, a, epoch, device,
-                amp_dtype, ema, progress)
-            train_seconds = time.perf_counter() - t0
-            if progress is not None:
-                progress.close()
-            eval_amp = speed["eval_amp"]
-            val = evaluate(train_model, val_loader, d.num_classes, amp_dtype=eval_amp) if val_loader else None
-            test = evaluate(train_model, test_loader, d.num_classes, amp_dtype=eval_amp)
-            ema_test = evaluate(ema.module, test_loader, d.num_classes, amp_dtype=eval_amp) if ema else None
-            bad = [f"{name} loss {r['loss']}" for name, r in (("validation", val), ("test", test),
-                                                             ("EMA test", ema_test))
-                   if r is not None and not math.isfinite(r["loss"])]
-            if bad:  # finite weights whose eval-mode outputs are not (e.g. huge BatchNorm statistics)
-                raise Diverged(f"the model's outputs became non-finite at epoch {epoch + 1} ({', '.join(bad)}); "
-                               f"{DIVERGED_HINT.format(lr=a.lr)}")
-            schedule.epoch_end(val["loss"] if val else None)
-            row = dict(epoch=epoch + 1, lr=lr, train_loss=train_loss, train_acc=train_acc,
-                       val_loss=val["loss"] if val else None, val_acc=val["top1"] if val else None,
-                       test_loss=test["loss"], test_top1=test["top1"], test_top5=test["top5"],
-                       epoch_seconds=time.perf_counter() - t0,
-                       images_per_second=seen / train_seconds,
-                       ema_test_top1=ema_test["top1"] if ema_test else None)
-            history.append(row)
-            if not is_main:
-                continue
-            ck = checkpoint.make_checkpoint(
-                model_name=a.model, model_options=opts, num_classes=d.num_classes,
-                in_channels=d.in_channels, image_size=d.image_size, classes=d.classes, mean=d.mean,
-                std=d.std, args={k: plain(v) for k, v in vars(a).items()}, epoch=epoch + 1,
-                model=model.state_dict(), ema=ema.module.state_dict() if ema else None,
-                optimizer=optimizer.state_dict(), scheduler=schedule.state_dict(),
-                scaler=scaler.state_dict(),
-                rng={"torch": torch.get_rng_state(),
-                     "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else []},
-                history=history, init=init)
-            # last.pt first, then best.pt as a second name for the same file (one write). A kill
-            # in between leaves best.pt an epoch behind: repair_best() fixes it on resume.
-            checkpoint.save(ck, out / "last.pt")
-            improved = val is not None and val["top1"] > best_val
-            if improved or val is None:
-                best_val = val["top1"] if val else best_val
-                checkpoint.link(out / "last.pt", out / "best.pt")
-            write_metrics(history, out / "metrics.csv")
-            if writer is not None:
-                for k, v in row.items():
-                    if k != "epoch" and v is not None:
-                        writer.add_scalar(k, v, epoch + 1)
-            msg = (f"epoch {epoch + 1}/{a.epochs} lr {lr:.4g} train loss {train_loss:.4f} "
-                   f"acc {100 * train_acc:.2f}% | ")
-            if val:
-                msg += f"val loss {val['loss']:.4f} acc {100 * val['top1']:.2f}% | "
-            msg += (f"test loss {test['loss']:.4f} top-1 {100 * test['top1']:.2f}% "
-                    f"top-5 {100 * test['top5']:.2f}% | {row['epoch_seconds']:.1f}s "
-                    f"{row['images_per_second']:.0f} img/s")
-            if ema_test:
-                msg += f" | ema top-1 {100 * ema_test['top1']:.2f}%"
-            print(msg + (" *" if improved else ""), flush=True)
-
-        if is_main and history:
-            plot_curves(history, out / "curves.png", f"{a.model} on {a.dataset}, run {out.name}")
-            if writer is not None:
-                writer.close()
-            last = history[-1]
-            best = max((r for r in history if r.get("val_acc") is not None),
-                       key=lambda r: r["val_acc"], default=None)
-            train_time = sum(r["epoch_seconds"] for r in history)
-            ips = sum(r["images_per_second"] for r in history) / len(history)
-            print(f"done: {a.model} on {a.dataset}, {last['epoch']} epochs"
-                  + (f", best val top-1 {100 * best['val_acc']:.2f}% (epoch {best['epoch']})" if best else "")
-                  + f", final test top-1 {100 * last['test_top1']:.2f}% top-5 {100 * last['test_top5']:.2f}%"
-                  f", train time {train_time:.1f}s (this session {time.perf_counter() - wall0:.1f}s)"
-                  f", {ips:.0f} img/s; checkpoints in {out}", flush=True)
+                progress = tqdm(total=len(run.loaders["train"]), desc=f"epoch {epoch + 1}/{a.epochs}", leave=False)
+            row, val = run_epoch(run, epoch, progress)
+            if run.is_main:
+                improved = save_epoch(run, out, val, writer)
+                print(epoch_line(row, a.epochs) + (" *" if improved else ""), flush=True)
+        if run.is_main and run.history:
+            finish(run, out, time.perf_counter() - wall0)
     except KeyboardInterrupt:
-        raise Interrupted(interrupted(epoch + 1, out if is_main else None, a.resume)) from None
+        raise Interrupted(interrupted(epoch + 1, out if run.is_main else None, a.resume)) from None
     finally:
+        if writer is not None:
+            writer.close()
         if lock is not None:
             lock.close()
     if dist.is_initialized():

@@ -3,11 +3,8 @@
     python -m pytest -q tests/test_data.py
 """
 import gzip
-import json
 import os
 import pickle
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +13,7 @@ import torch
 from PIL import Image
 
 import data
+from conftest import run_script
 
 REPO = Path(__file__).resolve().parent.parent
 OFFLINE = {"http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9"}  # no network, fast
@@ -161,9 +159,7 @@ def test_corrupt_file(tmp_path):
 
 def test_cli_offline_download_fails_with_one_line(tmp_path):
     empty = tmp_path / "empty"
-    p = subprocess.run([sys.executable, str(REPO / "data.py"), "--benchmark", "--dataset", "cifar10",
-                        "--data-dir", str(empty)], capture_output=True, text=True, timeout=120,
-                       env={**os.environ, **OFFLINE})
+    p = run_script("data.py", "--dataset", "cifar10", "--data-dir", empty, env=OFFLINE)
     assert p.returncode == 1, p.stderr
     assert "Traceback" not in p.stderr and one_line(p.stderr) and p.stderr.startswith("error: ")
     assert "download failed" in p.stderr and "cifar-10-batches-py/data_batch_1" in p.stderr
@@ -355,16 +351,6 @@ def test_synthetic_deterministic_and_options():
     assert b.train.images.shape == (data.SYNTHETIC_TRAIN, 1, 28, 28) and b.in_channels == 1
     assert torch.equal(a.train.labels, b.train.labels) and torch.equal(a.train.images, data.load_data("synthetic").train.images)
     assert torch.bincount(a.train.labels).tolist() == [256] * 10 and a.num_classes == 10
-
-
-def test_benchmark_runs_on_synthetic():
-    p = subprocess.run([sys.executable, str(REPO / "data.py"), "--benchmark", "--dataset", "synthetic",
-                        "--batch-size", "32", "--batches", "3", "--workers", "1"],
-                       capture_output=True, text=True, timeout=120, env={**os.environ, **OFFLINE})
-    assert p.returncode == 0, p.stderr
-    r = json.loads(p.stdout.strip().splitlines()[-1])
-    assert r["tensor_images_per_second"] > 0 and r["dataloader_images_per_second"] > 0
-    assert {"dataset", "device", "torch", "batch_size"} <= set(r) and r["dataset"] == "synthetic"
 
 
 def test_strong_warp_reference():

@@ -11,7 +11,6 @@ import os
 import pickle
 import struct
 import subprocess
-import sys
 import zipfile
 import zlib
 
@@ -23,6 +22,7 @@ import torch
 from conftest import REPO
 from test_data import write_cifar, write_folder
 
+import bench
 import checkpoint
 import data
 import evaluate as ev
@@ -352,7 +352,7 @@ for path in sys.argv[1:]:
 """
 
 
-def test_damaged_pngs_are_errors_not_crashes(tmp_path):
+def test_damaged_pngs_are_errors_not_crashes(tmp_path, fork_python):
     """libpng errors inside torchvision 0.29's decoder kill the process (SIGSEGV): each damage kind
     runs in a child process so that a crash fails this test instead of ending pytest."""
     w, h = 8, 6
@@ -376,8 +376,11 @@ def test_damaged_pngs_are_errors_not_crashes(tmp_path):
     for i, (kind, blob) in enumerate(files.items()):
         paths.append(tmp_path / f"{i}.{'jpg' if kind.startswith('JPEG') else 'png'}")
         paths[-1].write_bytes(bytes(blob))
-    p = subprocess.run([sys.executable, "-c", DAMAGED.format(repo=str(REPO)), *map(str, paths)],
-                       capture_output=True, text=True, timeout=300)
+    script = tmp_path / "damaged.py"
+    script.write_text(DAMAGED.format(repo=str(REPO)))
+    # a fork of a process that imported data.py already (tests/forkserver.py): still its own process
+    p = subprocess.run([str(fork_python), str(script), *map(str, paths)], capture_output=True, text=True,
+                       timeout=300)
     assert p.returncode == 0, (p.returncode, p.stderr[-500:])
     assert p.stdout.split("\n")[:len(files)] == ["ok"] + ["DataError True"] * (len(files) - 1)
 
@@ -433,12 +436,12 @@ def test_out_of_memory_during_the_pass_is_one_line(tmp_path, monkeypatch):
     assert one_line(e.value) and str(e.value).startswith("out of memory") and "--batch-size" in str(e.value)
 
 
-def test_data_benchmark_batch_larger_than_the_data():
+def test_loader_benchmark_batch_larger_than_the_data():
     """The classic loader drops the partial batch: with no batch at all it used to spin forever."""
-    args = data.get_args_parser().parse_args(["--benchmark", "--dataset", "synthetic", "--batch-size",
-                                              "100000", "--batches", "1"])
-    with pytest.raises(data.DataError, match="larger than the 2560 training images") as e:
-        data.main(args)
+    args = bench.get_args_parser().parse_args(["--loader-only", "--dataset", "synthetic", "--batch-size",
+                                               "100000", "--batches", "1", "--device", "cpu"])
+    with pytest.raises(ValueError, match="larger than the 2560 training images") as e:
+        bench.main(args)
     assert one_line(e.value)
 
 
@@ -484,9 +487,9 @@ BAD_FLAGS = [
     (models, ["--in-channels", "-3"], "--in-channels"),
     (models, ["--num-classes", "0"], "--num-classes"),
     (models, ["nosuch"], "MODEL"),
-    (data, ["--batch-size", "0"], "--batch-size"),
-    (data, ["--batches", "0"], "--batches"),
-    (data, ["--workers", "-1"], "--workers"),
+    (bench, ["--loader-only", "--batch-size", "0"], "--batch-size"),
+    (bench, ["--loader-only", "--batches", "0"], "--batches"),
+    (bench, ["--loader-only", "--classic-workers", "-1"], "--classic-workers"),
 ]
 
 

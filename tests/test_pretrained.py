@@ -300,7 +300,7 @@ def test_backbone_lr_scale_param_groups():
     model = models.build_model("resnet20", 10)
     a = train.resolve_args(train_args("--model", "resnet20", "--init-from", "x", "--backbone-lr-scale", "0.1",
                                       "--lr", "0.2"))
-    opt = train.build_optimizer(model, a, torch.device("cpu"))
+    opt = train.build_optimizer(model, torch.device("cpu"), **train.optimizer_options(a))
     head = {id(p) for p in model.fc.parameters()}
     lrs = {}
     for g in opt.param_groups:

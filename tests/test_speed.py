@@ -1,5 +1,4 @@
 """The CPU speed choices: each fast path trains like plain eager fp32, and `auto` follows its rule."""
-import argparse
 import json
 
 import pytest
@@ -28,16 +27,15 @@ def loss_curve(model_name, image_size, *, channels_last=False, amp_dtype=None, c
     model = model.to(memory_format=mem)
     batches = [(x.contiguous(memory_format=mem), y) for x, y in batches]
     net = torch.compile(model) if compile else model
-    hp = argparse.Namespace(lr=0.02, momentum=0.9, nesterov=True, weight_decay=5e-4, optimizer="sgd",
-                            seed=0, mixup=0.0, cutmix=0.0, clip_grad=0.0)
     cpu = torch.device("cpu")
-    optimizer = train.build_optimizer(model, hp, cpu)
+    optimizer = train.build_optimizer(model, cpu, lr=0.02, momentum=0.9, nesterov=True, weight_decay=5e-4)
     schedule = train.Schedule(optimizer, "none", 1, 1)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     losses = []
     for batch in batches:  # one step per call: its mean loss is that step's loss
         loss, _, _ = train.train_one_epoch(net, [batch], optimizer, schedule, scaler,
-                                           nn.CrossEntropyLoss(), hp, 0, cpu, amp_dtype)
+                                           nn.CrossEntropyLoss(), epoch=0, device=cpu,
+                                           amp_dtype=amp_dtype)
         losses.append(loss)
     return losses
 

@@ -191,7 +191,7 @@ def test_second_run_on_a_locked_run_dir_is_refused(tmp_path, capsys):
     holder = subprocess.Popen(
         [sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a+'); "
          "fcntl.flock(f.fileno(), fcntl.LOCK_EX); print('locked', flush=True); time.sleep(120)",
-         str(out / train.LOCK_NAME)], stdout=subprocess.PIPE, text=True)
+         str(out / checkpoint.LOCK_NAME)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
         rc, _, err = cli(capsys, *LENET, "--epochs", "1", "--out", out)
@@ -199,7 +199,7 @@ def test_second_run_on_a_locked_run_dir_is_refused(tmp_path, capsys):
         holder.kill()
         holder.wait()
     assert rc == 1 and "in use by another train.py run" in one_error_line(err)
-    assert sorted(p.name for p in out.iterdir()) == [train.LOCK_NAME]  # nothing written
+    assert sorted(p.name for p in out.iterdir()) == [checkpoint.LOCK_NAME]  # nothing written
     rc, _, err = cli(capsys, *LENET, "--epochs", "1", "--out", out)  # free again
     assert rc == 0, err
 
@@ -215,13 +215,13 @@ def test_run_dir_lock_is_portable(tmp_path, monkeypatch):
             raise OSError(errno.EACCES, "Permission denied")
         held.add(key)
     monkeypatch.setitem(sys.modules, "msvcrt", types.SimpleNamespace(locking=locking, LK_NBLCK=2))
-    first = train.lock_run_dir(tmp_path)
+    first = checkpoint.lock_run_dir(tmp_path)
     with pytest.raises(ValueError, match="in use by another train.py run"):
-        train.lock_run_dir(tmp_path)
+        checkpoint.lock_run_dir(tmp_path)
     first.close()
     monkeypatch.setitem(sys.modules, "msvcrt", None)
-    train.lock_run_dir(tmp_path).close()
-    train.lock_run_dir(tmp_path).close()
+    checkpoint.lock_run_dir(tmp_path).close()
+    checkpoint.lock_run_dir(tmp_path).close()
 
 
 def test_resume_into_another_runs_folder_is_refused(run1, tmp_path, capsys):

@@ -89,7 +89,7 @@ def test_tensor_path_crop_flip_matches_v2_statistics():
                               augment="standard", seed=0)
     ours = torch.cat([next(iter(loader))[0] for _ in range(8)]) * 255  # 2048 draws, 0..255 scale
     torch.manual_seed(0)
-    t = v2.Compose([v2.RandomCrop(size, padding=data._pad(size)), v2.RandomHorizontalFlip()])
+    t = v2.Compose([v2.RandomCrop(size, padding=data.crop_padding(size)), v2.RandomHorizontalFlip()])
     ref = torch.stack([t(img[i % n]).float() for i in range(len(ours))])
     # column profile (mean over images, channels and rows): same shape within sampling noise
     ours_cols, ref_cols = ours.mean((0, 1, 2)), ref.mean((0, 1, 2))
