@@ -44,7 +44,7 @@ import onnxruntime as ort  # after torch: onnxruntime-gpu then finds the CUDA/cu
 from data import load_data, make_loader, match_classes
 from checkpoint import load_checkpoint, model_from_checkpoint
 from runtime import (device_name, ensure_fits, float_range, forward_bytes, int_range, out_of_memory_as_error,
-                     pick_device, time_calls)
+                     pick_device, run_cli, time_calls)
 
 AOTI_META_FORMAT = "deeper-networks-aoti/1"
 EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's 2 GB cap, with room for the graph itself
@@ -639,13 +639,9 @@ def run(args, ck, model, info, device):
         print(f"wrote {json_path}")
 
 
+def cli(argv=None):
+    return run_cli(main, get_args_parser(), argv)
+
+
 if __name__ == "__main__":
-    args = get_args_parser().parse_args()
-    try:
-        main(args)
-    except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
+    sys.exit(cli())

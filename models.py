@@ -24,6 +24,11 @@ Parameter names are torchvision's, so its ImageNet weights load as they are (REA
 ImageNet model"): pretrained_names / pretrained_options / torchvision_weights (through the torch
 hub cache), load_transfer (new head, 1-channel first conv), freeze_backbone. upgrade_state_dict
 maps the names of checkpoints written before ResNet and GoogLeNet took torchvision's.
+
+Why one file of ~830 lines (over the ~650 this repo aims for): seven families side by side,
+60-150 lines each, one registry and one build_model(); torchvision's weight mapping sits beside
+the classes whose parameter names it depends on. A reader compares VGG with its plain and
+residual successors on one page.
 """
 import argparse
 import os
@@ -816,13 +821,19 @@ def _human(n):
     return f"{n / 1e9:.2f}G" if n >= 1e9 else f"{n / 1e6:.1f}M"
 
 
-if __name__ == "__main__":
-    args = get_args_parser().parse_args()
+def cli(argv=None):
+    """The command line's exit status (runtime.run_cli's rules; models.py imports no other script)."""
+    args = get_args_parser().parse_args(argv)
     try:
         main(args)
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        sys.exit(130)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

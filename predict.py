@@ -271,7 +271,8 @@ def get_args_parser():
     return p
 
 
-def main(args, out=sys.stdout):
+def main(args, out=None):
+    out = out or sys.stdout
     files = image_files(args.inputs)
     model = Model(args.model, args.provider)
     k = min(args.top_k, len(model.classes))
@@ -292,16 +293,21 @@ def main(args, out=sys.stdout):
     return results
 
 
-if __name__ == "__main__":
-    args = get_args_parser().parse_args()
+def cli(argv=None):
+    """The command line's exit status: 0; 1 with one `error:` line; 130 on Ctrl-C; 2 on bad usage."""
+    args = get_args_parser().parse_args(argv)
     try:
         main(args)
     except PredictError as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        sys.exit(130)
+        return 130
     except BrokenPipeError:  # e.g. `| head`: the reader is gone
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        sys.exit(0)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

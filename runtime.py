@@ -9,6 +9,7 @@ import math
 import os
 import platform
 import statistics
+import sys
 import time
 from contextlib import contextmanager
 
@@ -372,6 +373,22 @@ def _range(lo, hi, lo_closed, hi_closed):
     if hi is not None:
         return f"must be {'<=' if hi_closed else '<'} {hi:g}"
     return "must be a finite number"
+
+
+def run_cli(main, parser, argv=None, errors=(ValueError, OSError)):
+    """A script's command line, in-process or not: parse argv (sys.argv when None), run
+    main(args); returns the exit status: main's own int, else 0; 1 with one `error:` line for
+    `errors` (what a user can fix); 130 on Ctrl-C. Bad usage exits 2 from argparse itself."""
+    args = parser.parse_args(argv)
+    try:
+        rc = main(args)
+    except errors as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return rc if isinstance(rc, int) and not isinstance(rc, bool) else 0
 
 
 if __name__ == "__main__":

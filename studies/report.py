@@ -220,9 +220,14 @@ def main(args):
     return 0
 
 
-if __name__ == "__main__":
+def cli(argv=None):
+    args = get_args_parser().parse_args(argv)
     try:
-        sys.exit(main(get_args_parser().parse_args()))
+        return main(args) or 0
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

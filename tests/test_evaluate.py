@@ -2,13 +2,11 @@
 checkpoint trained here on the synthetic dataset, plots, comparison table, and errors."""
 import csv
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import REPO, run_script
+from conftest import run_script
 
 import evaluate as ev
 from data import load_data, make_loader
@@ -278,23 +276,19 @@ class Payload:
 
 def test_bad_checkpoints_one_line_error(ckpts, tmp_path):
     """A corrupt file, a non-checkpoint and a pickle payload: exit 1, one "error:" line, and the
-    payload never runs. The three CLI runs go in parallel (the cost is mostly imports)."""
+    payload never runs."""
     marker = tmp_path / "marker"
     paths = {kind: tmp_path / f"{kind}.pt" for kind in ("corrupt", "not-a-checkpoint", "payload")}
     paths["corrupt"].write_bytes(ckpts[1].read_bytes()[:5000])
     torch.save({"weights": torch.zeros(3)}, paths["not-a-checkpoint"])
     ck = torch.load(ckpts[1], weights_only=True)
     torch.save({**ck, "payload": Payload(str(marker))}, paths["payload"])
-    procs = {kind: subprocess.Popen([sys.executable, str(REPO / "evaluate.py"), str(path), "--no-timing",
-                                     "--out", str(tmp_path / kind)], cwd=REPO, text=True,
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-             for kind, path in paths.items()}
     words = {"corrupt": "cannot read checkpoint", "not-a-checkpoint": "not a deeper-networks checkpoint",
              "payload": "refusing to load"}
-    for kind, proc in procs.items():
-        _, err = proc.communicate(timeout=300)
-        lines = err.strip().splitlines()
-        assert proc.returncode == 1 and len(lines) == 1 and lines[0].startswith("error:"), (kind, err)
+    for kind, path in paths.items():
+        r = run_script("evaluate.py", path, "--no-timing", "--out", tmp_path / kind)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 1 and len(lines) == 1 and lines[0].startswith("error:"), (kind, r.stderr)
         assert str(paths[kind]) in lines[0] and words[kind] in lines[0]
         assert not (tmp_path / kind).exists()
     assert not marker.exists()

@@ -12,7 +12,6 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 import checkpoint
@@ -82,11 +81,12 @@ def test_onnx_matches_pytorch(tmp_path, name, in_channels, image_size, options):
     assert len(proto.graph.output) == 1  # GoogLeNet's aux heads are not exported
     assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # symbolic batch axis
     torch.manual_seed(1)
-    for batch in (1, 7):  # the same file at two batch sizes
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for batch in (1, 7):  # the same file (and session) at two batch sizes
         x = torch.randn(batch, in_channels, image_size, image_size)
         with torch.no_grad():
             ref = model(x).numpy()
-        out = ort_logits(path, x)
+        out = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
         assert out.shape == ref.shape == (batch, 10)
         assert np.abs(out - ref).max() <= 1e-4 * np.abs(ref).max()
     meta = {p.key: p.value for p in proto.metadata_props}
@@ -190,14 +190,20 @@ def write_ppm(path, rgb):
     path.write_bytes(f"P6\n# test image\n{w} {h}\n255\n".encode() + rgb.tobytes())
 
 
-def reference_preprocess(rgb, size, mean, std):
-    """What classify should do, written with torch ops: antialiased bilinear resize and PIL's
-    luminance, rounding to 8 bits after each step as data.py's uint8 pipeline does."""
-    x = torch.from_numpy(rgb).permute(2, 0, 1)[None].float() / 255  # 1 x 3 x H x W
-    x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    x = (x.clamp(0, 1) * 255).round() / 255
-    x = ((0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]) * 255).round() / 255
-    return (x - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+def data_py_inputs(folder, images, size, channels, mean, std):
+    """What data.py feeds the network for these pixels (HxWxC uint8/uint16 arrays, in order): the
+    images as PNG files of an image folder, loaded and normalized by load_data + make_loader."""
+    for split in ("train", "test"):
+        (folder / split / "c").mkdir(parents=True)
+    filler = np.zeros((size, size, 3), np.uint8)
+    Image.fromarray(filler).save(folder / "train" / "c" / "0.png")
+    (folder / "train" / "d").mkdir()  # a classifier needs two classes (data.py refuses one)
+    Image.fromarray(filler).save(folder / "train" / "d" / "0.png")
+    for i, a in enumerate(images):
+        Image.fromarray(a if a.shape[2] == 3 else a[..., 0]).save(folder / "test" / "c" / f"{i}.png")
+    d = load_data("folder", folder, image_size=size, channels=channels)
+    assert len(d.test) == len(images)
+    return next(iter(make_loader(d.test, mean=mean, std=std, batch_size=len(images), train=False, workers=0)))[0]
 
 
 def test_aoti_package_runs_in_cpp(tmp_path, run):
@@ -228,8 +234,8 @@ def test_aoti_package_runs_in_cpp(tmp_path, run):
     assert all(image == str(tmp_path / "img.ppm") for image, *_ in lines)
     assert all(name == ck["classes"][int(index)] for _, _, index, name, _ in lines)
 
-    with torch.no_grad():
-        prob = model(reference_preprocess(rgb, 28, ck["mean"], ck["std"])).softmax(1)[0]
+    with torch.no_grad():  # the probabilities of data.py's input for the same pixels
+        prob = model(data_py_inputs(tmp_path / "one", [rgb], 28, 1, ck["mean"], ck["std"])).softmax(1)[0]
     top = prob.topk(5)
     assert int(lines[0][2]) == top.indices[0].item()
     np.testing.assert_allclose([float(p) for *_, p in lines], top.values.numpy(), atol=2e-3)
@@ -240,12 +246,6 @@ def test_aoti_package_runs_in_cpp(tmp_path, run):
     smooth = lambda *shape: (np.cumsum(rng.integers(0, 40, shape), axis=1) % 256).astype(np.uint8)
     images = {"0": smooth(40, 50, 3), "1": smooth(20, 17, 3), "2": smooth(31, 31, 1),
               "3": smooth(45, 30, 1).astype(np.uint16) * 257 + rng.integers(0, 256, (45, 30, 1)).astype(np.uint16)}
-    folder = tmp_path / "folder"
-    for split in ("train", "test"):
-        (folder / split / "c").mkdir(parents=True)
-    Image.fromarray(smooth(28, 28, 3)).save(folder / "train" / "c" / "0.png")
-    (folder / "train" / "d").mkdir()  # a classifier needs two classes (data.py refuses one)
-    Image.fromarray(smooth(28, 28, 3)).save(folder / "train" / "d" / "0.png")
     ppms = []
     for name, a in images.items():
         ppm = tmp_path / f"{name}.{'ppm' if a.shape[2] == 3 else 'pgm'}"
@@ -253,15 +253,11 @@ def test_aoti_package_runs_in_cpp(tmp_path, run):
         h, w, c = a.shape
         maxval = 65535 if a.dtype == np.uint16 else 255
         ppm.write_bytes(f"P{6 if c == 3 else 5}\n{w} {h}\n{maxval}\n".encode() + a.astype(a.dtype.newbyteorder(">")).tobytes())
-        Image.fromarray(a if c == 3 else a[..., 0]).save(folder / "test" / "c" / f"{name}.png")
     out = subprocess.run([str(build / "classify"), str(tmp_path / "lenet.pt2"), *ppms, "--dump-input",
                           str(tmp_path / "inputs.f32")], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     dumped = np.fromfile(tmp_path / "inputs.f32", dtype="<f4").reshape(len(ppms), 1, 28, 28)
-    data = load_data("folder", folder, image_size=28, channels=1)
-    assert len(data.test) == len(ppms)
-    x, _ = next(iter(make_loader(data.test, mean=ck["mean"], std=ck["std"], batch_size=len(ppms), train=False,
-                                 workers=0)))
+    x = data_py_inputs(tmp_path / "folder", list(images.values()), 28, 1, ck["mean"], ck["std"])
     np.testing.assert_array_equal(dumped, x.numpy())
 
 

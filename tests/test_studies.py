@@ -30,9 +30,11 @@ TINY = {"DATASET_CIFAR": "synthetic", "DATASET_MNIST": "synthetic", "EPOCHS": "1
         "EVAL_EXTRA": "--no-timing --device cpu"}
 
 
-def study(name, out, timeout=600, **knobs):
+def study(name, out, timeout=600, python=sys.executable, **knobs):
+    """Run studies/NAME.sh; python: the PYTHON it starts the scripts with (tests that train pass
+    the fork_python fixture: the same scripts, without a torch import per run)."""
     env = {k: v for k, v in os.environ.items() if k not in KNOBS}
-    env.update(PYTHON=sys.executable, OUT=str(out), **knobs)
+    env.update(PYTHON=str(python), OUT=str(out), **knobs)
     return subprocess.run(["bash", str(STUDIES / f"{name}.sh")], cwd=out.parent, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
@@ -118,10 +120,10 @@ def test_dry_runs_list_the_full_studies_with_valid_flags(tmp_path):
 
 # ----------------------------------------------------------------------------- end to end, tiny
 
-def test_depth_vs_lr_records_divergence_and_goes_on(tmp_path):
+def test_depth_vs_lr_records_divergence_and_goes_on(tmp_path, fork_python):
     out = tmp_path / "depth"
     # lr 1e30 makes VGG-16's loss non-finite at once: the stand-in for lr 0.1 on the real data.
-    r = ok(study("depth_vs_lr", out, MODELS="vgg16", LRS="1e30 0.01", **TINY))
+    r = ok(study("depth_vs_lr", out, python=fork_python, MODELS="vgg16", LRS="1e30 0.01", **TINY))
     expected = ["mnist-vgg16-lr1e30", "mnist-vgg16-lr0.01", "cifar10-vgg16-lr1e30", "cifar10-vgg16-lr0.01"]
     check_study(out, expected, diverged=["mnist-vgg16-lr1e30", "cifar10-vgg16-lr1e30"])
     assert "| run | model |" in r.stdout and "diverged (not in the table)" in r.stdout
@@ -132,14 +134,14 @@ def test_depth_vs_lr_records_divergence_and_goes_on(tmp_path):
     assert (out / "mnist-vgg16-lr0.01" / "eval.json").is_file()
 
     # Started again: finished runs are skipped, diverged ones too, and the table is the same.
-    r = ok(study("depth_vs_lr", out, MODELS="vgg16", LRS="1e30 0.01", DRY_RUN="1", **TINY))
+    r = ok(study("depth_vs_lr", out, python=fork_python, MODELS="vgg16", LRS="1e30 0.01", DRY_RUN="1", **TINY))
     assert r.stdout.count("finished before, skipped") == 2 and r.stdout.count("diverged before") == 2
     assert train_commands(r.stdout) == []
 
 
-def test_residual_inception(tmp_path):
+def test_residual_inception(tmp_path, fork_python):
     out = tmp_path / "ri"
-    ok(study("residual_inception", out, KERNELS="3", RESIDUALS="none identity", BASELINES="resnet20", **TINY))
+    ok(study("residual_inception", out, python=fork_python, KERNELS="3", RESIDUALS="none identity", BASELINES="resnet20", **TINY))
     check_study(out, ["googlenet-k3", "googlenet-k3-identity", "googlenet-k3-aux", "resnet20"])
     assert config(out, "googlenet-k3")["model_options"] == {"inception_kernel": 3}
     assert config(out, "googlenet-k3-identity")["model_options"] == {"inception_kernel": 3, "residual": "identity"}
@@ -147,9 +149,9 @@ def test_residual_inception(tmp_path):
     assert (out / "resnet20" / "curves.png").is_file()
 
 
-def test_cifar_resnet_depth(tmp_path):
+def test_cifar_resnet_depth(tmp_path, fork_python):
     out = tmp_path / "crd"
-    r = ok(study("cifar_resnet_depth", out, DEPTHS="20", PLAIN_DEPTHS="20", **TINY))
+    r = ok(study("cifar_resnet_depth", out, python=fork_python, DEPTHS="20", PLAIN_DEPTHS="20", **TINY))
     check_study(out, ["resnet20", "plain20"])
     c = config(out, "plain20")
     assert (c["model_options"], c["milestones"], c["weight_decay"]) == ({"plain": True}, [1, 1], 1e-4)
@@ -162,23 +164,24 @@ def test_cifar_resnet_depth(tmp_path):
     log = out / "resnet20" / "train.log"
     log.write_text("".join(line for line in log.read_text().splitlines(True) if not line.startswith("done:")))
     (out / "resnet20" / "eval.json").unlink()
-    r = ok(study("cifar_resnet_depth", out, DEPTHS="20", PLAIN_DEPTHS="", **{**TINY, "EPOCHS": "2"}))
+    r = ok(study("cifar_resnet_depth", out, python=fork_python, DEPTHS="20", PLAIN_DEPTHS="", **{**TINY, "EPOCHS": "2"}))
     assert f"--resume {out}/resnet20/last.pt" in r.stdout and "epoch 2/2" in r.stdout
     assert "| run | model |" not in r.stdout and (out / "resnet20" / "eval.json").is_file()
     assert json.loads((out / "resnet20" / "eval.json").read_text())["epoch"] == 2
 
 
-def test_architectures_with_optional_dataset(tmp_path):
+def test_architectures_with_optional_dataset(tmp_path, fork_python):
     out = tmp_path / "arch"
-    ok(study("architectures", out, MODELS="alexnet", DATASET_FMNIST="synthetic",
+    # resnet18, the study's smallest model: alexnet's 57M parameters made this test 20 s of writing checkpoints
+    ok(study("architectures", out, python=fork_python, MODELS="resnet18", DATASET_FMNIST="synthetic",
              DATA_FMNIST=str(tmp_path / "fm"), **TINY))
-    check_study(out, ["cifar10-alexnet", "fashion-mnist-alexnet"])
-    assert (config(out, "cifar10-alexnet")["scheduler"], config(out, "fashion-mnist-alexnet")["augment"]) == ("cosine", "none")
+    check_study(out, ["cifar10-resnet18", "fashion-mnist-resnet18"])
+    assert (config(out, "cifar10-resnet18")["scheduler"], config(out, "fashion-mnist-resnet18")["augment"]) == ("cosine", "none")
 
 
-def test_a_failing_run_stops_the_study(tmp_path):
+def test_a_failing_run_stops_the_study(tmp_path, fork_python):
     out = tmp_path / "bad"
-    r = study("cifar_resnet_depth", out, DEPTHS="20", PLAIN_DEPTHS="", DATASET_CIFAR="folder",
+    r = study("cifar_resnet_depth", out, python=fork_python, DEPTHS="20", PLAIN_DEPTHS="", DATASET_CIFAR="folder",
               DATA_CIFAR=str(tmp_path / "missing"), EPOCHS="1", EXTRA="--device cpu")
     assert r.returncode == 1
     assert "error: resnet20 failed" in r.stderr and "missing" in (out / "resnet20" / "train.log").read_text()

@@ -124,9 +124,10 @@ def test_unknown_choice_exits_2(tmp_path, flag, bad):
 
 
 def test_missing_data_and_checkpoint_one_line(tmp_path):
+    """train.py through a real process (fresh=True): the exit status of the entry point itself."""
     out = tmp_path / "run"
     r = run_script("train.py", "--model", "lenet5", "--dataset", "folder", "--data-dir",
-                   tmp_path / "nowhere", "--out", out)
+                   tmp_path / "nowhere", "--out", out, fresh=True)
     assert r.returncode == 1
     assert r.stderr.strip().startswith("error:") and len(r.stderr.strip().splitlines()) == 1
     assert not out.exists()
@@ -152,8 +153,8 @@ def test_resume_is_bit_identical(tmp_path):
     # Validation split, EMA, mixup and augmentation all draw randomness: all must resume.
     # The schedule must not depend on --epochs (cosine over 2 epochs is another curve than
     # cosine over 4), so: step decay with warm-up.
-    small = [x if x != "512" else "256" for x in SMALL]  # 256 train images: keep it quick
-    common = ["--model", "resnet20", *small, "--val-split", "0.2", "--ema", "0.9",
+    small = [x if x != "512" else "256" for x in SMALL]  # 256 train images at 16 px: keep it quick
+    common = ["--model", "resnet20", *small, "--image-size", "16", "--val-split", "0.2", "--ema", "0.9",
               "--mixup", "0.2", "--augment", "standard", "--scheduler", "step",
               "--step-size", "1", "--gamma", "0.5", "--warmup-epochs", "0.5"]
     full, part = tmp_path / "full", tmp_path / "part"
