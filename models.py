@@ -822,17 +822,8 @@ def _human(n):
 
 
 def cli(argv=None):
-    """The command line's exit status (runtime.run_cli's rules; models.py imports no other script)."""
-    args = get_args_parser().parse_args(argv)
-    try:
-        main(args)
-    except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    return 0
+    from runtime import run_cli  # as get_args_parser does: the model code itself needs no runtime
+    return run_cli(main, get_args_parser(), argv)
 
 
 if __name__ == "__main__":

@@ -21,9 +21,11 @@ VECTOR_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "avx512_
                 "amx_bf16", "amx_int8", "amx_tile", "neon", "asimd", "sve")
 # A CPU with one of these computes bf16 in hardware; elsewhere bf16 autocast is emulated (slow).
 NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
-# torch.compile on the CPU pays back its compile time only after this many training steps
-# (break-even measured for resnet20 in the README's CPU speed section); shorter runs stay eager.
-COMPILE_MIN_STEPS_CPU = 1000
+# torch.compile on the CPU pays back its compile time only after this many training steps; shorter
+# runs stay eager. Measured for resnet20 at batch 128 on the 2-core Xeon (README, "Training speed on
+# a CPU"; results/cpu/compile_cold_resnet20.json): a cold compile costs 44.5 s and saves 0.033 s a
+# step (837 -> 1,070 images/s), so it is repaid after ~1,340 steps.
+COMPILE_MIN_STEPS_CPU = 1500
 
 
 def mps_available():

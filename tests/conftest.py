@@ -94,9 +94,15 @@ def fork_python(tmp_path_factory):
     """An executable to give shell scripts as PYTHON: it runs `PYTHON SCRIPT.py ARGS` as a fork
     of one process that imported torch once (tests/forkserver.py), so each run skips the seconds
     of interpreter start-up; anything else goes to the real interpreter."""
+    import socket
+    import tempfile
+    if not hasattr(os, "fork") or not hasattr(socket, "send_fds"):  # Windows: the real interpreter
+        yield Path(sys.executable)
+        return
     import forkserver
     folder = tmp_path_factory.mktemp("fork")
-    sock = folder / "socket"
+    # a socket path must stay under ~100 bytes: a short folder of its own, not pytest's
+    sock = Path(tempfile.mkdtemp(prefix="fork-", dir="/tmp" if os.path.isdir("/tmp") else None)) / "s"
     server = subprocess.Popen([sys.executable, str(REPO / "tests" / "forkserver.py"), str(sock)],
                               stdout=subprocess.PIPE, text=True)
     try:
@@ -107,3 +113,6 @@ def fork_python(tmp_path_factory):
     finally:
         server.terminate()
         server.wait(timeout=30)
+        for leftover in (sock, sock.parent):
+            with contextlib.suppress(OSError):
+                leftover.unlink() if leftover == sock else leftover.rmdir()

@@ -94,8 +94,16 @@ def serve(socket_path):
     server.bind(socket_path)
     server.listen(16)
     print("ready", flush=True)
+    parent = os.getppid()
+    server.settimeout(5)
     while True:
-        conn, _ = server.accept()
+        try:
+            conn, _ = server.accept()
+        except socket.timeout:
+            if os.getppid() != parent:  # pytest is gone (killed): do not outlive it
+                return
+            continue
+        conn.settimeout(None)
         request, fds = _recv(conn)
         if os.fork() == 0:  # one process per run: it forks the script's process and reports its status
             server.close()
