@@ -281,18 +281,16 @@ def main(args):
     side = [m for m in (DEFAULT_SIDE_MODELS[kind] if args.side_models is None else args.side_models)
             if m not in args.models]
     args.batch_size = args.batch_size or DEFAULT_BATCH["cuda" if device.type == "cuda" else "cpu"]
-    for what, v in (("--steps", args.steps), ("--rounds", args.rounds), ("--batch-size", args.batch_size)):
+    # the parser's ranges again, for callers of main() with a Namespace of their own
+    for what, v in (("--steps", args.steps), ("--rounds", args.rounds), ("--batch-size", args.batch_size),
+                    ("--batches", args.batches), ("--threads", args.threads or 1)):
         if v < 1:
             raise ValueError(f"{what} must be positive")
     if args.loader_only:
-        if args.batches < 1:
-            raise ValueError("--batches must be positive")
         return loader_benchmark(args, device)
     torch.backends.cudnn.benchmark = True
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError("--threads must be positive")
         torch.set_num_threads(args.threads)
     default_threads = torch.get_num_threads()
     d = data.load_data(args.dataset, args.data_dir)

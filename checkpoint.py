@@ -44,25 +44,41 @@ def make_checkpoint(*, model_name, model_options, num_classes, in_channels, imag
             "scheduler": scheduler, "scaler": scaler, "rng": rng, "history": list(history or []), **extra}
 
 
-def save(ck, path):
-    """Write atomically: a temp file beside `path`, then rename. On any failure the temp file is
-    removed and the previous file at `path` stays as it was; a full disk raises OSError(ENOSPC)
-    with one line naming the folder."""
+@contextmanager
+def replacing(path):
+    """Yields a temp path beside `path` to write (same suffix, for matplotlib); renamed over `path`
+    when the block succeeds. On any failure (Ctrl-C included) the temp file is removed and the
+    previous file at `path` stays as it was; a full disk raises OSError(ENOSPC) with one line
+    naming the folder. Every file this repo's runs write goes through it."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.stem}.tmp{path.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException as e:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        if _no_space(e):
+            raise OSError(errno.ENOSPC, f"no space left on the disk of {path.parent.resolve()} while "
+                          f"writing {path.name} (the previous {path.name}, if any, is kept)") from None
+        raise
+
+
+def save(ck, path):
+    """Write atomically (replacing): a kill or a full disk never leaves half a file in its place."""
     # Through a Python file: a full disk then surfaces as OSError(ENOSPC) from its write(). Given
     # a path, torch writes through its own stream and reports only "unexpected pos N vs M".
-    _atomic(lambda: _save_to(ck, tmp), tmp, path)
+    with replacing(path) as tmp, open(tmp, "wb") as f:
+        torch.save(ck, f)
 
 
 def link(src, dst):
     """Give the saved file `src` the name `dst` too, atomically (a hard link, or a copy where the
     file system has none): the previous `dst` stays until the new one is complete. Files written
     by save() are replaced, never modified in place, so the two names never change each other."""
-    src, dst = Path(src), Path(dst)
-    tmp = dst.with_name(dst.name + ".tmp")
-
-    def make():
+    with replacing(dst) as tmp:
         try:
             os.remove(tmp)  # a stale temp file from a killed run: os.link will not overwrite it
         except FileNotFoundError:
@@ -73,27 +89,6 @@ def link(src, dst):
             if _no_space(e):
                 raise
             shutil.copyfile(src, tmp)  # no hard links here (FAT, some network file systems)
-    _atomic(make, tmp, dst)
-
-
-def _save_to(ck, tmp):
-    with open(tmp, "wb") as f:
-        torch.save(ck, f)
-
-
-def _atomic(write, tmp, path):
-    try:
-        write()
-        os.replace(tmp, path)
-    except BaseException as e:  # incl. KeyboardInterrupt: never leave a partial .tmp behind
-        try:
-            os.remove(tmp)
-        except OSError:
-            pass
-        if _no_space(e):
-            raise OSError(errno.ENOSPC, f"no space left on the disk of {path.parent.resolve()} while "
-                          f"writing {path.name} (the previous {path.name}, if any, is kept)") from None
-        raise
 
 
 def _no_space(e):
@@ -187,23 +182,6 @@ def load_init(path):
 
 # ----------------------------------------------------------------------------- the run dir
 # A run dir holds one run: last.pt, best.pt and the files beside them; train.py keeps it locked.
-
-@contextmanager
-def replacing(path):
-    """Yields a temp path beside `path` (same suffix, for matplotlib) to write; renamed over
-    `path` when the block succeeds, removed when anything (Ctrl-C included) interrupts it."""
-    path = Path(path)
-    tmp = path.with_name(f"{path.stem}.tmp{path.suffix}")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.remove(tmp)
-        except OSError:
-            pass
-        raise
-
 
 LOCK_NAME = ".lock"
 _IN_USE = {errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK, getattr(errno, "EDEADLOCK", errno.EDEADLK)}

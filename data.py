@@ -11,7 +11,7 @@ make_loader() then picks one of two paths:
   dataloader path  folders too big for memory: torchvision transforms v2 in worker processes.
 All randomness of an epoch is a pure function of (seed, epoch, rank): set_epoch(e) replays it.
 
-Why one file of ~1,050 lines (over the ~650 this repo aims for): eight datasets in four on-disk
+Why one file of ~1,080 lines (over the ~650 this repo aims for): eight datasets in four on-disk
 formats (IDX, CIFAR pickles, SVHN .mat, image folders) with their damage checks and the decode
 cache, then the two loader paths with the same augmentations on both (the tensor path's batched
 versions are tested against torchvision.transforms.v2's statistics). Splitting readers from

@@ -33,6 +33,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from evaluate import RUNTIME_KEYS, comparison, config_key, group_runs, load_run_dirs, mean_std  # noqa: E402
+from runtime import run_cli  # noqa: E402
 
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 # (study, rows, published, results/<dir>, the run behind each published figure, metric)
@@ -221,12 +222,7 @@ def main(args):
 
 
 def cli(argv=None):
-    args = get_args_parser().parse_args(argv)
-    try:
-        return main(args) or 0
-    except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    return run_cli(main, get_args_parser(), argv)
 
 
 if __name__ == "__main__":

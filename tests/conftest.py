@@ -113,6 +113,6 @@ def fork_python(tmp_path_factory):
     finally:
         server.terminate()
         server.wait(timeout=30)
-        for leftover in (sock, sock.parent):
-            with contextlib.suppress(OSError):
-                leftover.unlink() if leftover == sock else leftover.rmdir()
+        with contextlib.suppress(OSError):
+            sock.unlink()
+            sock.parent.rmdir()
