@@ -1,83 +1,132 @@
-"""The checkpoint format: one dict, built, saved, loaded and checked here and nowhere else.
+"""The checkpoint format: one dict, made, written atomically, loaded and checked here only.
 
     import checkpoint
-    ck = checkpoint.load_checkpoint("runs/demo/best.pt")     # torch.load(weights_only=True) + checks
+    ck = checkpoint.load_checkpoint("runs/demo/best.pt")     # weights_only load + every field checked
     model = checkpoint.model_from_checkpoint(ck)              # rebuilt from the file alone, eval mode
 
-A checkpoint is a dict that torch.load(path, weights_only=True) reads, with the keys of KEYS
-(README, "Checkpoints"). train.py builds it with make_checkpoint() and writes it with save()
-(temp file + rename: a kill or a full disk never leaves half a file in place of a good one);
-link() puts a second name on a saved file (best.pt beside last.pt) without writing it again.
+A checkpoint is a dict that torch.load(path, weights_only=True) reads, with the fields of SCHEMA
+(docs/training.md). train.py makes it with make_checkpoint() and writes it with save(); link()
+puts a second name on a saved file (best.pt beside last.pt) without writing it again. The run
+dir's lock and the best.pt repair of a resume live here too.
 """
 import errno
+import math
 import os
 import pickle
 import re
 import shutil
-from contextlib import contextmanager
+from numbers import Real
 from pathlib import Path
 
 import torch
 
-from models import build_model, upgrade_state_dict
+from models import MODELS, build_model
+from runtime import one_line, replacing
 
 FORMAT = "deeper-networks/1"
-REQUIRED_KEYS = ("format", "model_name", "model_options", "num_classes", "in_channels", "image_size", "model")
-KEYS = REQUIRED_KEYS + ("classes", "mean", "std", "args", "epoch", "ema", "optimizer", "scheduler",
-                        "scaler", "rng", "history")
 
 
 class CheckpointError(ValueError):
-    """A checkpoint that is missing, unreadable, unsafe or not ours (one-line message)."""
+    """A checkpoint that is missing, unreadable, unsafe, not ours or malformed (one line)."""
+
+
+def _int(lo):
+    return lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= lo, f"an integer >= {lo}"
+
+
+def _state(v):
+    return isinstance(v, dict) and all(isinstance(k, str) and torch.is_tensor(t) for k, t in v.items())
+
+
+def _reals(positive):
+    return lambda v: isinstance(v, (list, tuple)) and v and all(
+        isinstance(x, Real) and not isinstance(x, bool) and math.isfinite(x) and (x > 0 or not positive) for x in v)
+
+
+def _or_none(check):
+    return lambda v: v is None or check(v)
+
+
+# field -> (check, what it must be). Optional fields may be None (a weights-only checkpoint);
+# the cross-field rules (classes and mean/std lengths) are in check_fields.
+SCHEMA = {
+    "format": (lambda v: v == FORMAT, repr(FORMAT)),
+    "model_name": (lambda v: v in MODELS, "a model name of models.MODELS"),
+    "model_options": (lambda v: isinstance(v, dict) and all(isinstance(k, str) for k in v), "a dict of options"),
+    "num_classes": _int(1), "in_channels": _int(1), "image_size": _int(1),
+    "model": (_state, "a state_dict (names -> tensors)"),
+    "classes": (_or_none(lambda v: isinstance(v, list) and all(isinstance(c, str) for c in v)),
+                "None or a list of class names (strings)"),
+    "mean": (_or_none(_reals(False)), "None or a list of finite numbers"),
+    "std": (_or_none(_reals(True)), "None or a list of numbers > 0"),
+    "args": (lambda v: isinstance(v, dict) and all(isinstance(k, str) for k in v), "a dict of training arguments"),
+    "epoch": _int(0),
+    "ema": (_or_none(_state), "None or a state_dict"),
+    "optimizer": (_or_none(lambda v: isinstance(v, dict)), "None or an optimizer state dict"),
+    "scheduler": (_or_none(lambda v: isinstance(v, dict)), "None or a scheduler state dict"),
+    "scaler": (_or_none(lambda v: isinstance(v, dict)), "None or a GradScaler state dict"),
+    "rng": (_or_none(lambda v: isinstance(v, dict) and torch.is_tensor(v.get("torch"))),
+            "None or a dict with the torch RNG state"),
+    "history": (lambda v: isinstance(v, list) and all(isinstance(r, dict) and isinstance(r.get("epoch"), int)
+                                                       for r in v), "a list of per-epoch rows (dicts with an epoch)"),
+    "init": (_or_none(lambda v: isinstance(v, dict)), "None or a dict"),
+}
+REQUIRED = ("format", "model_name", "model_options", "num_classes", "in_channels", "image_size", "model")
+# Without these a checkpoint holds weights only: it cannot continue a run.
+RESUME_KEYS = ("args", "epoch", "optimizer", "scheduler", "scaler", "rng", "history")
+
+
+def _show(v):
+    s = repr(v) if isinstance(v, (str, int, float, bool, type(None))) else type(v).__name__
+    return s if len(s) <= 60 else s[:57] + "..."
+
+
+def check_fields(ck, path):
+    """Every field's type and shape, once, where a checkpoint is loaded: CheckpointError
+    "CKPT: <field> is <what>, expected <what>" for the first that is wrong. Optional fields that
+    are absent count as None (args {} and history [] where absent)."""
+    missing = [k for k in REQUIRED if k not in ck]
+    if missing:
+        raise CheckpointError(f"{path} is not a deeper-networks checkpoint (missing: {', '.join(missing)})")
+    if ck["format"] != FORMAT:
+        raise CheckpointError(f"{path} is not a deeper-networks checkpoint: its format is {_show(ck['format'])}, "
+                              f"this program reads {FORMAT!r}")
+    ck = {**dict.fromkeys(SCHEMA), "args": {}, "history": [], **ck}
+    for key, (ok, expected) in SCHEMA.items():
+        if not ok(ck[key]):
+            raise CheckpointError(f"{path}: {key} is {_show(ck[key])}, expected {expected}")
+    for key, n in (("classes", ck["num_classes"]), ("mean", ck["in_channels"]), ("std", ck["in_channels"])):
+        if ck[key] is not None and len(ck[key]) != n:
+            raise CheckpointError(f"{path}: {key} has {len(ck[key])} entries, expected {n} "
+                                  f"({'num_classes' if key == 'classes' else 'in_channels'})")
+    return ck
 
 
 def make_checkpoint(*, model_name, model_options, num_classes, in_channels, image_size, model,
                     classes=None, mean=None, std=None, args=None, epoch=0, ema=None, optimizer=None,
-                    scheduler=None, scaler=None, rng=None, history=None, **extra):
+                    scheduler=None, scaler=None, rng=None, history=None, init=None):
     """The checkpoint dict. `model` / `ema`: state_dicts of the unwrapped module (no `module.` or
-    `_orig_mod.` prefixes). Extra keys (e.g. `init_from`) are kept as given."""
+    `_orig_mod.` prefixes)."""
     return {"format": FORMAT, "model_name": model_name, "model_options": dict(model_options),
             "num_classes": num_classes, "in_channels": in_channels, "image_size": image_size,
-            "classes": list(classes) if classes is not None else None,
-            "mean": list(mean) if mean is not None else None, "std": list(std) if std is not None else None,
+            "classes": [str(c) for c in classes] if classes is not None else None,
+            "mean": [float(m) for m in mean] if mean is not None else None,
+            "std": [float(s) for s in std] if std is not None else None,
             "args": dict(args or {}), "epoch": epoch, "model": model, "ema": ema, "optimizer": optimizer,
-            "scheduler": scheduler, "scaler": scaler, "rng": rng, "history": list(history or []), **extra}
-
-
-@contextmanager
-def replacing(path):
-    """Yields a temp path beside `path` to write (same suffix, for matplotlib); renamed over `path`
-    when the block succeeds. On any failure (Ctrl-C included) the temp file is removed and the
-    previous file at `path` stays as it was; a full disk raises OSError(ENOSPC) with one line
-    naming the folder. Every file this repo's runs write goes through it."""
-    path = Path(path)
-    tmp = path.with_name(f"{path.stem}.tmp{path.suffix}")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except BaseException as e:
-        try:
-            os.remove(tmp)
-        except OSError:
-            pass
-        if _no_space(e):
-            raise OSError(errno.ENOSPC, f"no space left on the disk of {path.parent.resolve()} while "
-                          f"writing {path.name} (the previous {path.name}, if any, is kept)") from None
-        raise
+            "scheduler": scheduler, "scaler": scaler, "rng": rng, "history": list(history or []), "init": init}
 
 
 def save(ck, path):
-    """Write atomically (replacing): a kill or a full disk never leaves half a file in its place."""
-    # Through a Python file: a full disk then surfaces as OSError(ENOSPC) from its write(). Given
-    # a path, torch writes through its own stream and reports only "unexpected pos N vs M".
+    """Write atomically: a kill or a full disk never leaves half a file in place of a good one."""
+    # Through a Python file: a full disk then surfaces as OSError(ENOSPC) from its write(); given a
+    # path, torch writes through its own stream and reports only "unexpected pos N vs M".
     with replacing(path) as tmp, open(tmp, "wb") as f:
         torch.save(ck, f)
 
 
 def link(src, dst):
     """Give the saved file `src` the name `dst` too, atomically (a hard link, or a copy where the
-    file system has none): the previous `dst` stays until the new one is complete. Files written
-    by save() are replaced, never modified in place, so the two names never change each other."""
+    file system has none). save() replaces files, never edits them, so the names stay independent."""
     with replacing(dst) as tmp:
         try:
             os.remove(tmp)  # a stale temp file from a killed run: os.link will not overwrite it
@@ -86,96 +135,79 @@ def link(src, dst):
         try:
             os.link(src, tmp)
         except OSError as e:
-            if _no_space(e):
+            if e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
                 raise
             shutil.copyfile(src, tmp)  # no hard links here (FAT, some network file systems)
 
 
-def _no_space(e):
-    """A full disk (or quota), however torch wrapped it: OSError(ENOSPC) from a Python file, or a
-    RuntimeError ('file write failed') from torch's own writer."""
-    full = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
-    while e is not None:
-        if isinstance(e, OSError) and e.errno in full:
-            return True
-        if "No space left" in str(e) or "file write failed" in str(e):
-            return True
-        e = e.__cause__ or e.__context__
-    return False
-
-
-# What torch's weights_only unpickler says when a file asks for code or objects: "Unsupported
-# global: GLOBAL x.y was not an allowed global" (torch <= 2.x), "Trying to load unsupported GLOBAL
-# posix.system whose module posix is blocked" (torch 2.14, blocklisted modules), or a refused call.
+# What torch's weights_only unpickler says when a file asks for code or objects (torch <= 2.x:
+# "Unsupported global: GLOBAL x.y was not an allowed global"; torch 2.14: "... whose module posix
+# is blocked"), or a refused call.
 _BLOCKED = re.compile(r"unsupported global|whose module \S+ is blocked|call reduce for unrecognized "
                       r"function|can only (?:create new object|build)", re.IGNORECASE)
 
 
-def _reason(e):
-    """One short line out of torch.load's multi-paragraph errors."""
-    if isinstance(e, EOFError):
-        return "empty or truncated file"
-    found = re.search(r"WeightsUnpickler error:\s*(\S.*)", str(e))  # a non-zip, non-pickle file
-    if found:
-        return f"not a torch.save file ({found.group(1).strip()})"
-    return str(e).strip().split("\n")[0].split(". ")[0][:200] or type(e).__name__
-
-
-def load_checkpoint(path, map_location="cpu", required=REQUIRED_KEYS):
-    """torch.load(weights_only=True) of a deeper-networks checkpoint; CheckpointError otherwise.
-    required=(): any weights-only file (load_init tells the kinds apart)."""
+def load_file(path):
+    """torch.load(path, weights_only=True) on the CPU, or one CheckpointError line saying why not."""
     if not os.path.exists(path):
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        ck = torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if _BLOCKED.search(str(e)):
             raise CheckpointError(f"refusing to load {path}: it contains pickled code/objects that are "
                                   "not plain weights (loaded with weights_only=True)") from None
-        raise CheckpointError(f"cannot read checkpoint {path}: {_reason(e)}") from None
-    except Exception as e:  # RuntimeError (bad zip), EOFError (empty), OSError (a directory), ...
-        raise CheckpointError(f"cannot read checkpoint {path}: {_reason(e)}") from None
-    missing = [k for k in required if not isinstance(ck, dict) or k not in ck]
+        reason = re.search(r"WeightsUnpickler error:\s*(\S.*)", str(e))
+        raise CheckpointError(f"cannot read checkpoint {path}: "
+                              + (f"not a torch.save file ({reason[1].strip()})" if reason else one_line(e, 200))) from None
+    except EOFError:
+        raise CheckpointError(f"cannot read checkpoint {path}: empty or truncated file") from None
+    except Exception as e:  # RuntimeError (bad zip), OSError (a directory), ...
+        raise CheckpointError(f"cannot read checkpoint {path}: {one_line(str(e).split('. ')[0], 200)}") from None
+
+
+def load_checkpoint(path):
+    """A deeper-networks checkpoint, loaded with weights_only=True and checked field by field."""
+    ck = load_file(path)
+    if not isinstance(ck, dict):
+        raise CheckpointError(f"{path} is not a deeper-networks checkpoint (a {type(ck).__name__}, not a dict)")
+    return check_fields(ck, path)
+
+
+def check_resumable(ck, path):
+    missing = [k for k in RESUME_KEYS if ck.get(k) is None or k == "args" and not ck[k]]
     if missing:
-        raise CheckpointError(f"{path} is not a deeper-networks checkpoint (missing: {', '.join(missing)})")
-    if isinstance(ck, dict) and "format" in ck and ck["format"] != FORMAT:
-        raise CheckpointError(f"{path} is not a deeper-networks checkpoint: its format is "
-                              f"{str(ck['format'])[:80]!r}, this program reads {FORMAT!r}")
-    return ck
+        raise CheckpointError(f"{path} is a weights-only checkpoint (no {', '.join(missing)}): use it with "
+                              "evaluate.py or export.py (or --init-from for a new run), not with --resume")
+
+
+def load_weights(model, state, what):
+    """model.load_state_dict(state), or a CheckpointError naming the first mismatch."""
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:  # 'Error(s) in loading state_dict for X:' then one line per problem
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        raise CheckpointError(f"{what} do not fit the model: {(lines[1:] or lines or ['?'])[0][:300]}") from None
 
 
 def model_from_checkpoint(ck, ema=False):
     """The checkpoint's model (its EMA weights if ema and present), in eval mode, on the CPU."""
     model = build_model(ck["model_name"], ck["num_classes"], ck["in_channels"], ck["image_size"],
                         **ck["model_options"])
-    state = ck["ema"] if ema and ck.get("ema") else ck["model"]
-    load_weights(model, upgrade_state_dict(ck["model_name"], state), ck["model_name"])  # pre-rename names mapped
+    load_weights(model, ck["ema"] if ema and ck.get("ema") else ck["model"], "the checkpoint's weights")
     return model.eval()
 
 
-def load_weights(model, state, model_name, what="checkpoint weights"):
-    """model.load_state_dict(state), or a CheckpointError naming the first mismatch (torch's
-    message opens with 'Error(s) in loading state_dict for X:' and lists them on the next lines)."""
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-        detail = lines[1] if len(lines) > 1 else (lines[0] if lines else type(e).__name__)
-        raise CheckpointError(f"{what} do not fit {model_name}: {detail[:300]}") from None
-
-
 def load_init(path):
-    """(state_dict, init) to start a run from (train.py --init-from): one of our checkpoints (its
-    model's weights, old names mapped, and the mean/std they were trained with) or a plain
-    state_dict file, e.g. torchvision's own .pth (no mean/std: the dataset's are used). init
-    records the source for the new checkpoint. CheckpointError for anything else."""
-    ck = load_checkpoint(path, required=())
-    if isinstance(ck, dict) and "format" in ck and "model_name" in ck and isinstance(ck.get("model"), dict):
-        return upgrade_state_dict(ck["model_name"], ck["model"]), {
-            "source": str(path), "model_name": ck["model_name"], "mean": ck.get("mean"), "std": ck.get("std"),
-            **({"init": ck["init"]} if ck.get("init") else {})}  # where the source itself started
-    if isinstance(ck, dict) and ck and all(isinstance(v, torch.Tensor) for v in ck.values()):
-        # DDP / torch.compile prefixes from other people's training scripts
+    """(state_dict, init) to start a run from (--init-from): one of our checkpoints (its weights and
+    the mean/std they were trained with) or a plain state_dict file, e.g. torchvision's .pth (DDP
+    and torch.compile prefixes dropped). init records the source for the new checkpoint."""
+    ck = load_file(path)
+    if isinstance(ck, dict) and ck.get("format") == FORMAT:
+        ck = check_fields(ck, path)
+        return ck["model"], {"source": str(path), "model_name": ck["model_name"], "mean": ck["mean"],
+                             "std": ck["std"], **({"init": ck["init"]} if ck["init"] else {})}
+    if isinstance(ck, dict) and ck and all(isinstance(k, str) and torch.is_tensor(v) for k, v in ck.items()):
         return {re.sub(r"^(module\.|_orig_mod\.)+", "", k): v for k, v in ck.items()}, {"source": str(path)}
     raise CheckpointError(f"{path} is neither a deeper-networks checkpoint nor a state_dict (a dict of tensors)")
 
@@ -189,9 +221,9 @@ _IN_USE = {errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK, getattr(errno, "EDEADL
 
 def lock_run_dir(out):
     """An exclusive lock on the run dir for the run's lifetime: returns the open lock file (closing
-    it, or the process ending, releases the lock). A second train.py on the same --out fails at
-    once. fcntl.flock where it exists, msvcrt.locking on Windows, no lock where neither works."""
-    f = open(out / LOCK_NAME, "a+")
+    it, or the process ending, releases it); a second train.py on the same --out fails at once.
+    fcntl.flock where it exists, msvcrt.locking on Windows, no lock where neither works."""
+    f = open(Path(out) / LOCK_NAME, "a+")
     try:
         try:
             import fcntl
@@ -207,8 +239,8 @@ def lock_run_dir(out):
         if e.errno not in _IN_USE:
             return f  # a file system without locks (ENOLCK): run without one
         f.close()
-        raise ValueError(f"{out} is in use by another train.py run (it holds the lock on "
-                         f"{out / LOCK_NAME}); wait for it to end or pick another --out") from None
+        raise ValueError(f"{out} is in use by another train.py run (it holds the lock on {Path(out) / LOCK_NAME}); "
+                         "wait for it to end or pick another --out") from None
     except BaseException:
         f.close()
         raise
@@ -217,7 +249,7 @@ def lock_run_dir(out):
 
 def claim_run_dir(out, resume_path):
     """A fresh start never writes over a run; a resume writes only into its own run's folder."""
-    last = out / "last.pt"
+    last = Path(out) / "last.pt"
     if not last.exists():
         return
     if resume_path is None:
@@ -228,8 +260,8 @@ def claim_run_dir(out, resume_path):
 
 
 def best_epoch(history):
-    """The epoch best.pt holds by the selection rule: the first epoch with the best validation
-    top-1; with no validation split, the last epoch."""
+    """The epoch best.pt holds: the first with the best validation top-1; without a validation
+    split, the last epoch."""
     rows = [r for r in history if r.get("val_acc") is not None]
     if rows:
         return max(rows, key=lambda r: r["val_acc"])["epoch"]
@@ -239,7 +271,7 @@ def best_epoch(history):
 def repair_best(out, ck, resume_path):
     """A kill between writing last.pt and best.pt leaves best.pt an epoch behind; resuming puts
     the best epoch back in best.pt when the checkpoint resumed from is that epoch."""
-    epoch, best = ck["epoch"], out / "best.pt"
+    epoch, best, last = ck["epoch"], Path(out) / "best.pt", Path(out) / "last.pt"
     if best_epoch(ck["history"]) != epoch:
         return
     try:
@@ -247,7 +279,6 @@ def repair_best(out, ck, resume_path):
             return
     except Exception:  # missing or unreadable: write it
         pass
-    last = out / "last.pt"
     if last.exists() and os.path.samefile(resume_path, last):
         link(last, best)
     else:

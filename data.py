@@ -1078,3 +1078,27 @@ def cli(argv=None):
 
 if __name__ == "__main__":
     sys.exit(cli())
+
+
+def checkpoint_data(ck, source, *, dataset=None, data_dir=None, download=False, **overrides):
+    """The data a checkpoint was trained and tested on, rebuilt from its recorded arguments
+    (dataset, data dir, val split, limits, seed; its image size and channels), labelled in the
+    order of its classes (match_classes; a note when reordered). `dataset` / `data_dir` override
+    the recorded ones, `overrides` any other load_data argument (e.g. limit_train=512)."""
+    a = ck["args"]
+    name = dataset or a.get("dataset")
+    if not name:
+        raise DataError(f"{source} does not record its dataset; pass --dataset")
+    kw = dict(image_size=ck["image_size"], channels=ck["in_channels"], val_split=a.get("val_split") or 0.0,
+              limit_train=a.get("limit_train"), limit_test=a.get("limit_test"), seed=a.get("seed") or 0,
+              download=download)
+    d = load_data(name, data_dir or a.get("data_dir") or "data", **{**kw, **overrides})
+    if ck["classes"] is None:
+        if d.num_classes != ck["num_classes"]:
+            raise DataError(f"dataset {name} has {d.num_classes} classes but {source} was trained for "
+                            f"{ck['num_classes']}")
+        return d
+    d, note = match_classes(d, ck["classes"], source)
+    if note:
+        print(f"note: {note}", file=sys.stderr)
+    return d

@@ -1,32 +1,38 @@
-"""Runtime helpers shared by train.py, evaluate.py, export.py and bench.py: which device, which
-AMP dtype, what the hardware is called, how to time a call, whether a batch fits in memory, and
-the argparse types that check a number's range at parse time.
+"""What the scripts share at run time: device, AMP, compile and thread choices, hardware names,
+timing, memory checks, the range-checked argparse type, the exit-code rule and the atomic writer.
 
-    python runtime.py          # prints the device auto would pick, its name and vector extensions
+    python runtime.py          # the device auto would pick, its name and vector extensions
 """
 import argparse
+import errno
 import math
 import os
 import platform
+import signal
 import statistics
 import sys
 import time
 from contextlib import contextmanager
+from pathlib import Path
 
-import torch
+if Path(sys.argv[0]).resolve().parent == Path(__file__).resolve().parent:
+    # One of this repo's scripts is starting: Ctrl-C while torch imports (seconds) exits 130 with
+    # one line, not a traceback; run_cli puts Python's own handler back once the script runs.
+    signal.signal(signal.SIGINT, lambda *_: (sys.stderr.write("interrupted\n"), os._exit(130)))
+
+import torch  # noqa: E402
 
 AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # The CPU flags (lscpu / /proc/cpuinfo) that decide how fast convolutions and bf16 run here.
 VECTOR_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "avx512_vnni", "avx_vnni",
                 "amx_bf16", "amx_int8", "amx_tile", "neon", "asimd", "sve")
-# A CPU with one of these computes bf16 in hardware; elsewhere bf16 autocast is emulated (slow).
-NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
-# torch.compile on the CPU pays back its compile time only after this many training steps; shorter
-# runs stay eager. Measured for resnet20 at batch 128 on the 2-core Xeon (README, "Training speed on
-# a CPU"; results/cpu/compile_cold_resnet20.json): a cold compile costs 44.5 s and saves 0.033 s a
-# step (837 -> 1,070 images/s), so it is repaid after ~1,340 steps.
+NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # elsewhere bf16 autocast is emulated (slow)
+# torch.compile on the CPU repays its compile time only after this many training steps (resnet20,
+# batch 128: a cold compile cost 44.5 s and saved 0.033 s a step; docs/performance.md).
 COMPILE_MIN_STEPS_CPU = 1500
 
+
+# ----------------------------------------------------------------------------- choices
 
 def mps_available():
     mps = getattr(torch.backends, "mps", None)
@@ -34,8 +40,7 @@ def mps_available():
 
 
 def pick_device(name="auto"):
-    """'auto': cuda, then mps (Apple silicon), then cpu. An explicit device that is not there is a
-    ValueError (one line)."""
+    """'auto': cuda, then mps, then cpu; an explicit device that is not there is a ValueError."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
@@ -46,19 +51,14 @@ def pick_device(name="auto"):
 
 
 def pick_amp(name, device, *, training=False):
-    """The autocast dtype (None: fp32); see amp_choice."""
-    return amp_choice(name, device, training=training)[0]
-
-
-def amp_choice(name, device, *, training=False):
-    """(autocast dtype or None, why). auto: bf16 on a CUDA GPU that has it in hardware (Ampere
-    and later; is_bf16_supported() alone says yes on older GPUs through slow emulation), fp16
-    there otherwise; fp16 on MPS; on the CPU bf16 for training where the CPU computes bf16
-    natively (NATIVE_BF16_FLAGS: AMX or AVX512-BF16; measured for accuracy in the README), fp32
-    elsewhere and for evaluation."""
+    """(autocast dtype or None, why). auto trains in bf16 on a GPU with bf16 in hardware (fp16 on
+    older ones and on MPS) and on a CPU with native bf16; elsewhere, and for every evaluation,
+    fp32: reported metrics are then exactly those of the fp32 ONNX export."""
     device = torch.device(device)
     if name != "auto":
         return AMP_DTYPES[name], f"--amp {name}"
+    if not training:
+        return None, "evaluation stays fp32"
     if device.type == "cuda":
         if torch.cuda.is_bf16_supported(including_emulation=False):
             return torch.bfloat16, "CUDA GPU with bf16"
@@ -68,39 +68,31 @@ def amp_choice(name, device, *, training=False):
     native = [f for f in NATIVE_BF16_FLAGS if f in cpu_flags()]
     if not native:
         return None, "CPU without native bf16 (no amx_bf16/avx512_bf16)"
-    if not training:
-        return None, "evaluation stays fp32"
     return torch.bfloat16, f"native bf16 on this CPU: {' '.join(native)}"
 
 
-def _switch(value):
-    """'auto' | 'on' | 'off' from a flag value; True/False from checkpoints written before the
-    flags took a value."""
-    if value is True or value is False or value is None:
-        return "on" if value else "off"
-    return value
-
-
-def pick_compile(value, device, *, train_steps=None):
-    """(compile or not, why). auto: on CUDA; on the CPU for runs of at least
-    COMPILE_MIN_STEPS_CPU training steps, where compiling is repaid; off elsewhere."""
-    value, device = _switch(value), torch.device(device)
+def pick_compile(value, device, *, train_steps=None, deterministic=False):
+    """(compile or not, why). auto: on CUDA (not with --deterministic: inductor's kernels are not
+    covered by torch's deterministic mode); on the CPU for runs of at least COMPILE_MIN_STEPS_CPU
+    training steps, where compiling is repaid."""
+    device = torch.device(device)
     if value != "auto":
         return value == "on", f"--compile {value}"
+    if deterministic:
+        return False, "--deterministic"
     if device.type == "cuda":
         return True, "CUDA"
+    if device.type == "cpu" and train_steps is not None and train_steps >= COMPILE_MIN_STEPS_CPU:
+        return True, f"{train_steps} training steps >= {COMPILE_MIN_STEPS_CPU} repay compiling"
     if device.type == "cpu":
-        if train_steps is not None and train_steps >= COMPILE_MIN_STEPS_CPU:
-            return True, f"{train_steps} training steps >= {COMPILE_MIN_STEPS_CPU} repay compiling"
-        return False, (f"{train_steps if train_steps is not None else 'few'} training steps < "
-                       f"{COMPILE_MIN_STEPS_CPU}: compiling would not be repaid")
+        return False, f"{train_steps or 'few'} training steps < {COMPILE_MIN_STEPS_CPU}: compiling would not be repaid"
     return False, f"{device.type}: not measured"
 
 
 def pick_channels_last(value, device):
-    """(channels_last or not, why). auto: on CUDA and on the CPU (oneDNN's and cuDNN's fast
+    """(channels_last or not, why). auto: on CUDA and the CPU (cuDNN's and oneDNN's fast
     convolutions work in NHWC), off elsewhere."""
-    value, device = _switch(value), torch.device(device)
+    device = torch.device(device)
     if value != "auto":
         return value == "on", f"--channels-last {value}"
     if device.type in ("cuda", "cpu"):
@@ -109,8 +101,7 @@ def pick_channels_last(value, device):
 
 
 def busy_cpus(seconds=0.1):
-    """How many of this machine's CPUs other work kept busy over the last `seconds` (Linux
-    /proc/stat; None elsewhere)."""
+    """How many CPUs other work kept busy over the last `seconds` (Linux /proc/stat; else None)."""
     def sample():
         with open("/proc/stat") as f:
             v = [int(t) for t in f.readline().split()[1:]]
@@ -127,22 +118,18 @@ def busy_cpus(seconds=0.1):
 
 
 def free_threads(default, cpus, busy):
-    """Intra-op threads that fit beside `busy` CPUs of other work on `cpus` CPUs: at most
-    `default`, at least 1."""
+    """Intra-op threads that fit beside `busy` CPUs of other work: at most `default`, at least 1."""
     return max(1, min(default, int(cpus - busy + 0.5)))
 
 
 def pick_threads(value, device):
-    """(intra-op threads, why) for the CPU. None: torch's default (the physical cores). auto:
-    that less the CPUs other processes keep busy as the run starts, at least 1: on a shared CPU
-    a step with more threads than free cores waits at every operator for its slowest,
-    descheduled thread (measured in the README's CPU speed section). Not the default because
-    the thread count changes the order of float sums: runs started under different load would
-    not repeat bit for bit."""
-    device = torch.device(device)
+    """(intra-op threads, why) for the CPU. None: torch's default (the physical cores). auto: that
+    less the CPUs other processes keep busy as the run starts: on a shared CPU a step with more
+    threads than free cores waits at every operator for its slowest, descheduled thread. Not the
+    default: the thread count changes the order of float sums, so runs would not repeat."""
     default = torch.get_num_threads()
-    if device.type != "cpu":
-        return default, f"{device.type}: unchanged"
+    if torch.device(device).type != "cpu":
+        return default, "not the CPU: unchanged"
     if value is None:
         cpus, load = os.cpu_count() or 1, os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
         hint = (f"; load average {load:.1f} on {cpus} CPUs: --threads auto may be faster"
@@ -158,61 +145,59 @@ def pick_threads(value, device):
 
 
 def pick_speed(device, *, amp="auto", compile="auto", channels_last="auto", threads=None,
-               train_steps=None):
-    """Every speed choice of a training run in one place: a dict with amp (autocast dtype of the
-    training steps, or None), eval_amp (of the per-epoch evaluation: with auto on the CPU fp32,
-    so the run's test metrics are evaluate.py's), compile, channels_last, threads and why (one
-    reason per choice)."""
-    amp_dtype, amp_why = amp_choice(amp, device, training=True)
-    eval_amp = pick_amp(amp, device)
-    use_compile, compile_why = pick_compile(compile, device, train_steps=train_steps)
+               train_steps=None, deterministic=False):
+    """Every speed choice of a training run: amp (autocast dtype of the training steps or None),
+    eval_amp (of its evaluations), compile, channels_last, threads, and why (one reason each)."""
+    amp_dtype, amp_why = pick_amp(amp, device, training=True)
+    use_compile, compile_why = pick_compile(compile, device, train_steps=train_steps, deterministic=deterministic)
     cl, cl_why = pick_channels_last(channels_last, device)
     n, threads_why = pick_threads(threads, device)
-    return {"amp": amp_dtype, "eval_amp": eval_amp, "compile": use_compile, "channels_last": cl, "threads": n,
-            "why": {"amp": amp_why, "compile": compile_why, "channels_last": cl_why, "threads": threads_why}}
+    return {"amp": amp_dtype, "eval_amp": pick_amp(amp, device)[0], "compile": use_compile, "channels_last": cl,
+            "threads": n, "why": {"amp": amp_why, "compile": compile_why, "channels_last": cl_why,
+                                  "threads": threads_why}}
+
+
+def dtype_name(dtype):
+    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
 
 
 def describe_speed(speed):
     """One line for a run header: each choice and why."""
-    name = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-    amp, w = name[speed["amp"]], speed["why"]
-    if speed.get("eval_amp", speed["amp"]) != speed["amp"]:
-        amp += f", evaluation {name[speed['eval_amp']]}"
+    w, amp = speed["why"], dtype_name(speed["amp"])
+    if speed["eval_amp"] != speed["amp"]:
+        amp += f", evaluation {dtype_name(speed['eval_amp'])}"
     return (f"amp {amp} ({w['amp']}), channels_last {'on' if speed['channels_last'] else 'off'} "
             f"({w['channels_last']}), compile {'on' if speed['compile'] else 'off'} ({w['compile']}), "
             f"threads {speed['threads']} ({w['threads']})")
 
 
-def cpu_name():
-    """The CPU's model name (from /proc/cpuinfo where there is one)."""
-    name = platform.processor() or platform.machine() or "CPU"
+# ----------------------------------------------------------------------------- hardware, timing
+
+def _cpuinfo(keys):
     try:
         with open("/proc/cpuinfo") as f:
-            name = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), name)
+            return next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith(keys)), None)
     except OSError:
-        pass
-    return name
+        return None
+
+
+def cpu_name():
+    """The CPU's model name (from /proc/cpuinfo where there is one)."""
+    return _cpuinfo("model name") or platform.processor() or platform.machine() or "CPU"
 
 
 def cpu_flags():
     """The vector extensions of VECTOR_FLAGS this CPU reports (Linux /proc/cpuinfo; else [])."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((ln.split(":", 1)[1].split() for ln in f if ln.startswith(("flags", "Features"))), [])
-    except OSError:
-        return []
+    flags = (_cpuinfo(("flags", "Features")) or "").split()
     return [f for f in VECTOR_FLAGS if f in flags]
 
 
 def cpu_count():
-    """CPUs this process may run on: sched_getaffinity where the OS has it (Linux), else os.cpu_count()."""
-    getaffinity = getattr(os, "sched_getaffinity", None)
-    if getaffinity is not None:
-        try:
-            return len(getaffinity(0))
-        except OSError:
-            pass
-    return os.cpu_count() or 1
+    """CPUs this process may run on (its affinity where the OS tells it)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 def device_name(device):
@@ -236,7 +221,7 @@ def synchronize(device):
 def time_calls(fn, *, device="cpu", warmup=1, repeats=10, max_seconds=None):
     """Seconds per call of fn(): `warmup` untimed calls, then up to `repeats` timed ones (stopping
     early, after at least one, once max_seconds have passed), the device synchronized before every
-    clock read so asynchronous GPU work is counted."""
+    clock read so that asynchronous GPU work is counted."""
     for _ in range(warmup):
         fn()
     synchronize(device)
@@ -255,28 +240,24 @@ def median_p90(times):
     return statistics.median(s), s[min(len(s) - 1, max(0, -(-9 * len(s) // 10) - 1))]
 
 
-# ----------------------------------------------------------------------------- memory
-
 def memory_available(device):
-    """Bytes a new allocation can take on `device` now: the free GPU memory plus what torch's
-    cache holds unused on CUDA, MemAvailable of /proc/meminfo on the CPU; None where unknown."""
+    """Bytes a new allocation can take now: free GPU memory plus torch's unused cache on CUDA,
+    MemAvailable on the CPU; None where unknown."""
     device = torch.device(device)
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-    if device.type == "cpu":
-        try:
-            with open("/proc/meminfo") as f:
-                return next(int(ln.split()[1]) * 1024 for ln in f if ln.startswith("MemAvailable:"))
-        except (OSError, StopIteration, ValueError):
-            return None
-    return None
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(ln.split()[1]) * 1024 for ln in f if ln.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None
 
 
 def forward_bytes(model, input_shape):
     """Estimated peak bytes of one float32 inference forward per image (C x H x W): the input plus
-    three times the largest output of a leaf module (a block's input, its output and one branch
-    are alive at once). Shapes come from a pass on the meta device: no memory, no compute."""
+    three times the largest output of a leaf module (a block's input, output and one branch are
+    alive at once), from a pass on the meta device (no memory, no compute)."""
     largest = [0]
 
     def hook(module, inputs, out):
@@ -284,14 +265,12 @@ def forward_bytes(model, input_shape):
             if torch.is_tensor(t):
                 largest[0] = max(largest[0], t[0].numel())
 
-    leaves = [m for m in model.modules() if not any(m.children())]
-    hooks = [m.register_forward_hook(hook) for m in leaves]
+    hooks = [m.register_forward_hook(hook) for m in model.modules() if not any(m.children())]
     was_training = model.training
     try:
-        model.eval()
         state = {k: torch.empty_like(v, device="meta") for k, v in model.state_dict(keep_vars=True).items()}
         with torch.no_grad():
-            torch.func.functional_call(model, state, (torch.empty(1, *input_shape, device="meta"),))
+            torch.func.functional_call(model.eval(), state, (torch.empty(1, *input_shape, device="meta"),))
     finally:
         for h in hooks:
             h.remove()
@@ -299,98 +278,110 @@ def forward_bytes(model, input_shape):
     return 4 * (math.prod(input_shape) + 3 * largest[0])
 
 
-def _gb(n):
-    return f"{n / 2 ** 30:.3g} GiB"
-
-
 def ensure_fits(nbytes, device, what, hint):
-    """ValueError (one line) when `nbytes` exceed the memory available on `device` (when known),
-    before the allocation: on Linux a too large CPU allocation may not fail but summon the OOM
-    killer, which ends the process (or another one) without a word."""
+    """ValueError (one line) when `nbytes` exceed the memory available on `device`, before the
+    allocation: on Linux a too large CPU allocation may not fail but summon the OOM killer."""
     free = memory_available(device)
     if free is not None and nbytes > free:
-        raise ValueError(f"{what} needs about {_gb(nbytes)}, more than the {_gb(free)} of "
-                         f"{torch.device(device).type} memory available: {hint}")
+        raise ValueError(f"{what} needs about {nbytes / 2**30:.3g} GiB, more than the {free / 2**30:.3g} GiB "
+                         f"of {torch.device(device).type} memory available: {hint}")
 
 
 def is_out_of_memory(e):
-    """MemoryError, torch.OutOfMemoryError, or an allocator RuntimeError (CPU: "DefaultCPUAllocator:
-    not enough memory" / "can't allocate memory"), also one raised in a DataLoader worker."""
-    if isinstance(e, (MemoryError, torch.OutOfMemoryError)):
-        return True
-    text = str(e)
-    return isinstance(e, RuntimeError) and any(s in text for s in (
-        "not enough memory", "can't allocate memory", "out of memory", "Cannot allocate memory"))
+    """MemoryError, torch.OutOfMemoryError, or an allocator's RuntimeError (also from a worker)."""
+    return isinstance(e, (MemoryError, torch.OutOfMemoryError)) or isinstance(e, RuntimeError) and any(
+        s in str(e) for s in ("not enough memory", "can't allocate memory", "out of memory", "Cannot allocate memory"))
+
+
+# ----------------------------------------------------------------------------- the command line
+
+def number(kind, lo=None, hi=None, *, lo_open=False, hi_open=False, what=""):
+    """An argparse type: a finite int or float in the range (either end open where None); else
+    exit 2 with a usage line naming the flag and the range ("argument --ema: must be in [0, 1),
+    got 2"). `what` says in a word what the range means."""
+    allowed = (f"in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}" if None not in (lo, hi)
+               else f"{'>' if lo_open else '>='} {lo:g}" if lo is not None
+               else f"{'<' if hi_open else '<='} {hi:g}" if hi is not None else "finite")
+    allowed += f" ({what})" if what else ""
+
+    def parse(text):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected {'an integer' if kind is int else 'a number'} {allowed}, got {text!r}") from None
+        if (not math.isfinite(v) or lo is not None and (v < lo or lo_open and v == lo)
+                or hi is not None and (v > hi or hi_open and v == hi)):
+            raise argparse.ArgumentTypeError(f"must be {allowed}, got {text}")
+        return v
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def one_line(e, limit=300):
+    """An exception's (or any text's) message on one line, at most `limit` characters."""
+    s = " ".join(str(e).split()) or type(e).__name__
+    return s if len(s) <= limit else s[:limit] + "..."
+
+
+def run_cli(main, parser, argv=None, oom_hint="lower --batch-size (or --image-size)"):
+    """Every script's exit-code rule: parse argv (sys.argv when None; bad usage exits 2 from
+    argparse), run main(args) and return main's int or 0; 1 with one `error:` line for what a user can fix
+    (ValueError, OSError, running out of memory); 130 on Ctrl-C, printing the interrupt's own
+    message (e.g. how to resume) or "interrupted"."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        rc = main(parser.parse_args(argv))
+    except KeyboardInterrupt as e:
+        print(str(e) or "interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, OSError) as e:
+        print(f"error: {one_line(e, 2000)}", file=sys.stderr)
+        return 1
+    except (MemoryError, RuntimeError) as e:
+        if not is_out_of_memory(e):
+            raise  # a bug, not a user's mistake: keep its traceback
+        print(f"error: out of memory: {oom_hint}", file=sys.stderr)
+        return 1
+    return rc if isinstance(rc, int) and not isinstance(rc, bool) else 0
+
+
+def _no_space(e):
+    """A full disk or quota, however it was wrapped (torch's writer says 'file write failed')."""
+    while e is not None:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+            return True
+        if "No space left" in str(e) or "file write failed" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 @contextmanager
-def out_of_memory_as_error(hint):
-    """Turn an out-of-memory error raised inside into a one-line ValueError ending in `hint`."""
+def replacing(path):
+    """The one way files are written here: yields a temp path beside `path` (same suffix) to write,
+    renamed over `path` when the block succeeds. On any failure (Ctrl-C included) the temp file is
+    removed and the previous file at `path` stays as it was; a full disk is one OSError line."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.stem}.tmp{path.suffix}")
     try:
-        yield
-    except (MemoryError, RuntimeError) as e:
-        if not is_out_of_memory(e):
-            raise
-        first = next((ln.strip() for ln in str(e).splitlines() if "memory" in ln), type(e).__name__)
-        raise ValueError(f"out of memory ({first[:200]}): {hint}") from None
-
-
-# ----------------------------------------------------------------------------- argparse types
-
-def int_range(lo=None, hi=None):
-    """An argparse type: an int in [lo, hi] (either end open when None); the error names the range."""
-    def parse(text):
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException as e:
         try:
-            v = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if (lo is not None and v < lo) or (hi is not None and v > hi):
-            raise argparse.ArgumentTypeError(f"{v} is out of range: {_range(lo, hi, True, True)}")
-        return v
-    parse.__name__ = "int"
-    return parse
+            os.remove(tmp)
+        except OSError:
+            pass
+        if _no_space(e):
+            raise OSError(errno.ENOSPC, f"no space left on the disk of {path.parent.resolve()} while "
+                          f"writing {path.name} (the previous {path.name}, if any, is kept)") from None
+        raise
 
 
-def float_range(lo=None, hi=None, *, lo_open=False, hi_open=False):
-    """An argparse type: a finite float in the range; lo_open / hi_open exclude the ends."""
-    def parse(text):
-        try:
-            v = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        if not math.isfinite(v):
-            raise argparse.ArgumentTypeError(f"{text} is not finite: {_range(lo, hi, not lo_open, not hi_open)}")
-        if lo is not None and (v < lo or (lo_open and v == lo)) or hi is not None and (v > hi or (hi_open and v == hi)):
-            raise argparse.ArgumentTypeError(f"{v:g} is out of range: {_range(lo, hi, not lo_open, not hi_open)}")
-        return v
-    parse.__name__ = "float"
-    return parse
-
-
-def _range(lo, hi, lo_closed, hi_closed):
-    if lo is not None and hi is not None:
-        return f"must be in {'[' if lo_closed else '('}{lo:g}, {hi:g}{']' if hi_closed else ')'}"
-    if lo is not None:
-        return f"must be {'>=' if lo_closed else '>'} {lo:g}"
-    if hi is not None:
-        return f"must be {'<=' if hi_closed else '<'} {hi:g}"
-    return "must be a finite number"
-
-
-def run_cli(main, parser, argv=None, errors=(ValueError, OSError)):
-    """A script's command line, in-process or not: parse argv (sys.argv when None), run
-    main(args); returns the exit status: main's own int, else 0; 1 with one `error:` line for
-    `errors` (what a user can fix); 130 on Ctrl-C. Bad usage exits 2 from argparse itself."""
-    args = parser.parse_args(argv)
-    try:
-        rc = main(args)
-    except errors as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    return rc if isinstance(rc, int) and not isinstance(rc, bool) else 0
+def write_text(path, text):
+    """Write a text file atomically (replacing)."""
+    with replacing(path) as tmp:
+        tmp.write_text(text)
 
 
 if __name__ == "__main__":
