@@ -67,8 +67,7 @@ SCHEMA = {
     "scaler": (_or_none(lambda v: isinstance(v, dict)), "None or a GradScaler state dict"),
     "rng": (_or_none(lambda v: isinstance(v, dict) and torch.is_tensor(v.get("torch"))),
             "None or a dict with the torch RNG state"),
-    "history": (lambda v: isinstance(v, list) and all(isinstance(r, dict) and isinstance(r.get("epoch"), int)
-                                                       for r in v), "a list of per-epoch rows (dicts with an epoch)"),
+    "history": (lambda v: isinstance(v, list) and all(isinstance(r, dict) for r in v), "a list of per-epoch rows (dicts)"),
     "init": (_or_none(lambda v: isinstance(v, dict)), "None or a dict"),
 }
 REQUIRED = ("format", "model_name", "model_options", "num_classes", "in_channels", "image_size", "model")
@@ -181,20 +180,20 @@ def check_resumable(ck, path):
                               "evaluate.py or export.py (or --init-from for a new run), not with --resume")
 
 
-def load_weights(model, state, what):
+def load_weights(model, state, name, what="the checkpoint's weights"):
     """model.load_state_dict(state), or a CheckpointError naming the first mismatch."""
     try:
         model.load_state_dict(state)
     except RuntimeError as e:  # 'Error(s) in loading state_dict for X:' then one line per problem
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-        raise CheckpointError(f"{what} do not fit the model: {(lines[1:] or lines or ['?'])[0][:300]}") from None
+        raise CheckpointError(f"{what} do not fit {name}: {(lines[1:] or lines or ['?'])[0][:300]}") from None
 
 
 def model_from_checkpoint(ck, ema=False):
     """The checkpoint's model (its EMA weights if ema and present), in eval mode, on the CPU."""
     model = build_model(ck["model_name"], ck["num_classes"], ck["in_channels"], ck["image_size"],
                         **ck["model_options"])
-    load_weights(model, ck["ema"] if ema and ck.get("ema") else ck["model"], "the checkpoint's weights")
+    load_weights(model, ck["ema"] if ema and ck.get("ema") else ck["model"], ck["model_name"])
     return model.eval()
 
 

@@ -443,7 +443,7 @@ def evaluate_checkpoint(path, out, args, device):
     model = model.to(device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    amp_dtype = pick_amp(args.amp, device)
+    amp_dtype = pick_amp(args.amp, device)[0]
     loader = make_loader(split, mean=mean, std=std, batch_size=args.batch_size,
                          train=False, device=device, channels_last=args.channels_last,
                          image_size=ck["image_size"])

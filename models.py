@@ -22,8 +22,7 @@ not given, an option the family does not take is a ValueError. model_options(nam
 
 Parameter names are torchvision's, so its ImageNet weights load as they are (README, "Fine-tune an
 ImageNet model"): pretrained_names / pretrained_options / torchvision_weights (through the torch
-hub cache), load_transfer (new head, 1-channel first conv), freeze_backbone. upgrade_state_dict
-maps the names of checkpoints written before ResNet and GoogLeNet took torchvision's.
+hub cache), load_transfer (new head, 1-channel first conv), freeze_backbone.
 
 Why one file of ~830 lines (over the ~650 this repo aims for): seven families side by side,
 60-150 lines each, one registry and one build_model(); torchvision's weight mapping sits beside
@@ -32,9 +31,7 @@ residual successors on one page.
 """
 import argparse
 import os
-import re
 import sys
-from collections import OrderedDict
 from functools import partial
 from urllib.parse import urlparse
 
@@ -534,61 +531,7 @@ def count_macs(model, input_shape):
     return counter.get_total_flops() // 2
 
 
-# --------------------------------------------------------------------------- weights: old names, torchvision, transfer
-# Checkpoints written before ResNet and GoogLeNet took torchvision's parameter names are mapped on
-# load (checkpoint.model_from_checkpoint, train.py --resume / --init-from): old name -> new name.
-_OLD_RESIDUAL = {"0": "conv1", "1": "bn1", "3": "conv2", "4": "bn2", "6": "conv3", "7": "bn3"}
-_OLD_INCEPTION = {"inception3.0": "inception3a", "inception3.1": "inception3b",
-                  "inception4bcd.0": "inception4b", "inception4bcd.1": "inception4c",
-                  "inception4bcd.2": "inception4d", "inception5.0": "inception5a",
-                  "inception5.1": "inception5b"}
-_OLD_CONV = {"0": "conv", "1": "bn"}  # nn.Sequential(conv, bn, relu) -> BasicConv2d
-
-
-def _old_resnet_key(k):
-    k = re.sub(r"^stem\.0\.", "conv1.", re.sub(r"^stem\.1\.", "bn1.", k))
-    m = re.match(r"stages\.(\d+)\.(\d+)\.(residual|shortcut)\.(\d+)\.(.+)", k)
-    if not m:
-        return k
-    i, j, part, n, rest = m.groups()
-    return f"layer{int(i) + 1}.{j}.{_OLD_RESIDUAL[n] if part == 'residual' else 'downsample.' + n}.{rest}"
-
-
-def _old_googlenet_key(k, imagenet_stem):
-    m = re.match(r"stem\.(\d)\.([01])\.(.+)", k)
-    if m:
-        n, c, rest = m.groups()
-        stem = ({"0": "conv1", "2": "conv2", "3": "conv3"} if imagenet_stem
-                else {"0": "conv1", "1": "conv2", "2": "conv3"})
-        return f"{stem[n]}.{_OLD_CONV[c]}.{rest}"
-    m = re.match(r"(inception3\.\d|inception4bcd\.\d|inception5\.\d)\.(.+)", k)
-    if m:
-        k = f"{_OLD_INCEPTION[m.group(1)]}.{m.group(2)}"
-    k = re.sub(r"\.branches\.0\.([01])\.", lambda m: f".branch1.{_OLD_CONV[m.group(1)]}.", k)
-    k = re.sub(r"\.branches\.([123])\.(\d)\.([01])\.",
-               lambda m: f".branch{int(m.group(1)) + 1}.{m.group(2)}.{_OLD_CONV[m.group(3)]}.", k)
-    k = re.sub(r"^(aux[12])\.conv\.([01])\.", lambda m: f"{m.group(1)}.conv.{_OLD_CONV[m.group(2)]}.", k)
-    k = re.sub(r"^(aux[12])\.fc\.1\.", r"\1.fc1.", k)
-    k = re.sub(r"^(aux[12])\.fc\.4\.", r"\1.fc2.", k)
-    return re.sub(r"^head\.3\.", "fc.", k)
-
-
-def upgrade_state_dict(name, state_dict):
-    """`state_dict` with the parameter names used before ResNet and GoogLeNet took torchvision's
-    (ResNet: stem.N, stages.I.J.residual.N / .shortcut.N; GoogLeNet: stem.N, inception3.N,
-    inception4bcd.N, branches.N, aux.fc.N, head.3) mapped to today's. Today's names, and every
-    other model, pass unchanged."""
-    keys = list(state_dict)
-    if name.startswith("resnet") and any(k.startswith(("stem.", "stages.")) for k in keys):
-        rename = _old_resnet_key
-    elif name == "googlenet" and any(k.startswith(("stem.", "head.", "inception3.")) for k in keys):
-        imagenet_stem = any(k.startswith("stem.3.") for k in keys)  # the CIFAR stem has stem.0-2
-        rename = partial(_old_googlenet_key, imagenet_stem=imagenet_stem)
-    else:
-        return state_dict
-    return OrderedDict((rename(k), v) for k, v in state_dict.items())
-
-
+# --------------------------------------------------------------------------- weights: torchvision, transfer
 class WeightsError(ValueError):
     """Pretrained weights that cannot be had or do not apply (one-line message)."""
 

@@ -336,7 +336,7 @@ def init_weights(model, a, d, resume_ck, verbose):
             state, init = models.torchvision_weights(a.model, a.pretrained, d.image_size)
         else:
             state, init = checkpoint.load_init(a.init_from)
-        line = models.load_transfer(model, models.upgrade_state_dict(a.model, state), new_head=bool(a.pretrained))
+        line = models.load_transfer(model, state, new_head=bool(a.pretrained))
         if verbose:
             print(f"init from {init.get('weights') or init['source']}: {line}", flush=True)
             if a.pretrained and d.image_size < TRANSFER_WARN_SIZE:
@@ -605,7 +605,7 @@ def unwrap(model):
 # ----------------------------------------------------------------------------- files
 
 def write_metrics(history, path):
-    with checkpoint.replacing(path) as tmp, open(tmp, "w", newline="") as f:
+    with runtime.replacing(path) as tmp, open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, METRIC_COLUMNS)
         w.writeheader()
         for row in history:
@@ -635,7 +635,7 @@ def plot_curves(history, path, title=""):
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    with checkpoint.replacing(path) as tmp:
+    with runtime.replacing(path) as tmp:
         fig.savefig(tmp, dpi=110)
 
 
@@ -689,7 +689,7 @@ def restore_state(ck, path, optimizer, schedule, scaler, ema, device):
         scaler.load_state_dict(ck["scaler"])
         part = "ema"
         if ema is not None and ck.get("ema") is not None:
-            ema.module.load_state_dict(models.upgrade_state_dict(ck["model_name"], ck["ema"]))
+            ema.module.load_state_dict(ck["ema"])
         part = "rng"
         torch.set_rng_state(ck["rng"]["torch"])
         if device.type == "cuda" and ck["rng"].get("cuda"):
@@ -814,8 +814,7 @@ def build_run(a, d, device, rank, world, resume_ck):
                "val": data.make_loader(d.val, batch_size=eval_bs, train=False, **loader_kw) if d.val else None,
                "test": data.make_loader(d.test, batch_size=eval_bs, train=False, **loader_kw)}
     if resume_ck is not None:
-        checkpoint.load_weights(model, models.upgrade_state_dict(a.model, resume_ck["model"]),
-                                resume_ck["model_name"], f"cannot resume {a.resume}: its weights")
+        checkpoint.load_weights(model, resume_ck["model"], a.model, f"cannot resume {a.resume}: its weights")
     model = model.to(device, memory_format=torch.channels_last if speed["channels_last"] else torch.contiguous_format)
     optimizer = build_optimizer(model, device, **optimizer_options(a))
     schedule = Schedule(optimizer, a.scheduler, a.epochs, len(loaders["train"]), a.warmup_epochs,
@@ -865,7 +864,7 @@ def open_run_dir(run, out, resume_ck):
                       speed={**run.speed, "amp": str(run.speed["amp"]), "eval_amp": str(run.speed["eval_amp"])},
                       train_samples=len(d.train), val_samples=len(d.val) if d.val else 0,
                       test_samples=len(d.test))
-        with checkpoint.replacing(out / "config.json") as tmp:
+        with runtime.replacing(out / "config.json") as tmp:
             tmp.write_text(json.dumps(config, indent=2))
     except BaseException:
         lock.close()
