@@ -195,7 +195,7 @@ def test_offline_error_line(tmp_path):
 
 # --------------------------------------------------------------------------- train.py end to end
 def train_args(*extra):
-    return train.get_args_parser().parse_args(
+    return train.parse_args(
         ["--dataset", "synthetic", "--limit-train", "32", "--limit-test", "16", "--epochs", "1",
          "--batch-size", "16", *map(str, extra)])
 
@@ -298,9 +298,7 @@ def test_freeze_backbone_keeps_batchnorm_in_eval_mode_through_train_and_copies()
 
 def test_backbone_lr_scale_param_groups():
     model = models.build_model("resnet20", 10)
-    a = train.resolve_args(train_args("--model", "resnet20", "--init-from", "x", "--backbone-lr-scale", "0.1",
-                                      "--lr", "0.2"))
-    opt = train.build_optimizer(model, torch.device("cpu"), **train.optimizer_options(a))
+    opt = train.build_optimizer(model, torch.device("cpu"), lr=0.2, weight_decay=5e-4, backbone_lr_scale=0.1)
     head = {id(p) for p in model.fc.parameters()}
     lrs = {}
     for g in opt.param_groups:
@@ -386,85 +384,3 @@ def test_init_from_our_checkpoint_and_torchvision_state_dict(tmp_path):
     torch.save([1, 2], tmp_path / "list.pt")
     with pytest.raises(checkpoint.CheckpointError, match="neither a deeper-networks checkpoint nor a state_dict"):
         checkpoint.load_init(tmp_path / "list.pt")
-
-
-# --------------------------------------------------------------------------- checkpoints from before the renaming
-def old_resnet_name(k):
-    """Today's name -> the name before the renaming (stem / stages.I.J.residual.N / shortcut.N)."""
-    parts = k.split(".")
-    if parts[0] in ("conv1", "bn1"):
-        return ".".join(["stem", "0" if parts[0] == "conv1" else "1", *parts[1:]])
-    if parts[0].startswith("layer"):
-        stage, block, module = int(parts[0][5:]) - 1, parts[1], parts[2]
-        if module == "downsample":
-            return ".".join(["stages", str(stage), block, "shortcut", *parts[3:]])
-        index = {"conv1": 0, "bn1": 1, "conv2": 3, "bn2": 4, "conv3": 6, "bn3": 7}[module]
-        return ".".join(["stages", str(stage), block, "residual", str(index), *parts[3:]])
-    return k  # fc
-
-
-def old_googlenet_name(k, imagenet_stem):
-    parts = k.split(".")
-    conv = {"conv": "0", "bn": "1"}
-    if parts[0] in ("conv1", "conv2", "conv3"):
-        index = {"conv1": 0, "conv2": 2 if imagenet_stem else 1, "conv3": 3 if imagenet_stem else 2}[parts[0]]
-        return ".".join(["stem", str(index), conv[parts[1]], *parts[2:]])
-    if parts[0] == "fc":
-        return ".".join(["head", "3", *parts[1:]])
-    if parts[0] in ("aux1", "aux2"):
-        if parts[1] == "conv":
-            return ".".join([parts[0], "conv", conv[parts[2]], *parts[3:]])
-        return ".".join([parts[0], "fc", "1" if parts[1] == "fc1" else "4", *parts[2:]])
-    block = {"inception3a": "inception3.0", "inception3b": "inception3.1", "inception4b": "inception4bcd.0",
-             "inception4c": "inception4bcd.1", "inception4d": "inception4bcd.2", "inception5a": "inception5.0",
-             "inception5b": "inception5.1"}.get(parts[0], parts[0])
-    if parts[1] == "shortcut":
-        return ".".join([block, *parts[1:]])
-    branch = int(parts[1][len("branch"):]) - 1
-    if branch == 0:  # a BasicConv2d, not a Sequential
-        return ".".join([block, "branches", "0", conv[parts[2]], *parts[3:]])
-    return ".".join([block, "branches", str(branch), parts[2], conv[parts[3]], *parts[4:]])
-
-
-OLD_CASES = [("resnet20", {}), ("resnet18", {}), ("resnet50", {"stem": "imagenet", "plain": True}),
-             ("googlenet", {"aux_logits": True, "residual": "projection"}),
-             ("googlenet", {"stem": "imagenet", "inception_kernel": 3})]
-
-
-@pytest.mark.parametrize("name,options", OLD_CASES, ids=[f"{n}-{'-'.join(map(str, o.values()))}" for n, o in OLD_CASES])
-def test_old_checkpoint_maps_back_and_loads_strict(name, options):
-    torch.manual_seed(0)
-    model = models.build_model(name, 10, 3, 32, **options)
-    state = perturbed(model.state_dict())
-    model.load_state_dict(state)
-    if name.startswith("resnet"):
-        old = {old_resnet_name(k): v for k, v in state.items()}
-    else:
-        old = {old_googlenet_name(k, options.get("stem") == "imagenet"): v for k, v in state.items()}
-    # names shared by both layouts must be names that did not change (e.g. inception4a.shortcut.0)
-    assert len(old) == len(state) and all(old[k] is state[k] for k in set(old) & set(state))
-    ck = checkpoint.make_checkpoint(model_name=name, model_options=options, num_classes=10, in_channels=3,
-                                    image_size=32, model=old, ema=old)
-    rebuilt = checkpoint.model_from_checkpoint(ck)  # strict load after the key map
-    ema = checkpoint.model_from_checkpoint(ck, ema=True)
-    x = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        expected = model.eval()(x)
-        assert torch.equal(rebuilt(x), expected) and torch.equal(ema(x), expected)
-    assert models.upgrade_state_dict(name, state) is state  # today's names pass unchanged
-
-
-def test_resume_from_old_checkpoint_equals_resume_from_new(tmp_path):
-    first = tmp_path / "a"
-    train.main(train_args("--model", "resnet20", "--out", first, "--ema", "0.9"))
-    ck = torch.load(first / "last.pt", weights_only=True)
-    old = dict(ck, model={old_resnet_name(k): v for k, v in ck["model"].items()},
-               ema={old_resnet_name(k): v for k, v in ck["ema"].items()})
-    (tmp_path / "b").mkdir()
-    checkpoint.save(old, tmp_path / "b" / "last.pt")
-    for run in ("a", "b"):
-        train.main(train.get_args_parser().parse_args(["--resume", str(tmp_path / run / "last.pt"), "--epochs", "2"]))
-    a, b = (torch.load(tmp_path / run / "last.pt", weights_only=True) for run in ("a", "b"))
-    assert a["epoch"] == b["epoch"] == 2
-    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
-    assert list(b["model"]) == list(a["model"])  # written with today's names

@@ -301,18 +301,24 @@ def test_resume_refuses_data_with_other_classes(tmp_path, capsys):
 
 # ----------------------------------------------------------------------------- usage
 
+F32 = "3.40282e+38"  # float32's largest: larger factors overflow inside the optimizer (issue 27)
 BAD_NUMBERS = [
     ("--ema", "2", "[0, 1)"), ("--ema", "-0.5", "[0, 1)"), ("--ema", "1", "[0, 1)"),
-    ("--mixup", "-1", ">= 0"), ("--cutmix", "-1", ">= 0"), ("--weight-decay", "-1", ">= 0"),
+    ("--mixup", "-1", "[0, 1e+06]"), ("--cutmix", "-1", "[0, 1e+06]"), ("--weight-decay", "-1", f"[0, {F32}]"),
     ("--gamma", "-1", "(0, 1]"), ("--gamma", "0", "(0, 1]"), ("--gamma", "1e9", "(0, 1]"),
-    ("--lr", "nan", "> 0"), ("--lr", "inf", "> 0"), ("--lr", "0", "> 0"), ("--lr", "-0.1", "> 0"),
-    ("--momentum", "1", "[0, 1)"), ("--seed", "-1", "[0, 4294967295]"), ("--seed", "1.5", "an integer"),
-    ("--label-smoothing", "1.5", "[0, 1)"), ("--step-size", "0", ">= 1"), ("--patience", "-1", ">= 0"),
-    ("--warmup-epochs", "-1", ">= 0"), ("--warmup-epochs", "inf", ">= 0"), ("--epochs", "0", ">= 1"),
-    ("--batch-size", "0", ">= 1"), ("--val-split", "1", "[0, 1)"), ("--val-split", "-0.1", "[0, 1)"),
-    ("--limit-train", "0", ">= 1"), ("--limit-test", "-5", ">= 1"), ("--cutout", "-1", ">= 0"),
-    ("--clip-grad", "-1", ">= 0"), ("--clip-grad", "nan", ">= 0"), ("--workers", "-1", ">= 0"),
-    ("--dropout", "1", "[0, 1)"), ("--image-size", "0", ">= 1"), ("--milestones", "0", ">= 1"),
+    ("--lr", "nan", f"(0, {F32}]"), ("--lr", "inf", f"(0, {F32}]"), ("--lr", "0", f"(0, {F32}]"),
+    ("--lr", "-0.1", f"(0, {F32}]"), ("--momentum", "1", "[0, 1)"), ("--seed", "-1", "[0, 4294967295]"),
+    ("--seed", "1.5", "an integer"), ("--label-smoothing", "1.5", "[0, 1)"), ("--step-size", "0", "[1, 1000000000]"),
+    ("--patience", "-1", "[0, 1000000]"), ("--warmup-epochs", "-1", "[0, 1e+06]"), ("--warmup-epochs", "inf", "[0, 1e+06]"),
+    ("--epochs", "0", "[1, 1000000]"), ("--batch-size", "0", "[1, 1000000000]"), ("--val-split", "1", "[0, 1)"),
+    ("--val-split", "-0.1", "[0, 1)"), ("--limit-train", "0", "[1, 1000000000]"), ("--limit-test", "-5", "[1, 1000000000]"),
+    ("--cutout", "-1", "[0, 4096]"), ("--clip-grad", "-1", f"[0, {F32}]"), ("--clip-grad", "nan", f"[0, {F32}]"),
+    ("--workers", "-1", "[0, 256]"), ("--dropout", "1", "[0, 1)"), ("--image-size", "0", "[1, 1000000000]"),
+    ("--milestones", "0", "[1, 1000000000]"),
+    # values in the old ranges that no run can use (issue 27): an overflow inside SGD, a hang before step 1
+    ("--lr", "1e308", f"(0, {F32}]"), ("--weight-decay", "1e308", f"[0, {F32}]"), ("--clip-grad", "1e308", f"[0, {F32}]"),
+    ("--epochs", "99999999999999999999999", "[1, 1000000]"), ("--warmup-epochs", "1e308", "[0, 1e+06]"),
+    ("--mixup", "1e308", "[0, 1e+06]"), ("--workers", "100000", "[0, 256]"), ("--batch-size", "1" + "0" * 30, "[1, 1000000000]"),
 ]
 
 
