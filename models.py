@@ -3,31 +3,15 @@
     python models.py                                   # params + MACs of every model at 3x32x32
     python models.py resnet50 vgg16 --image-size 224 --num-classes 1000
 
-    lenet5                      LeCun et al. 1998, with ReLU and max-pooling
-    alexnet                     Krizhevsky et al. 2012, torchvision's single-tower layout
-    nin                         Lin et al. 2013, Network in Network (mlpconv, global average pooling)
-    vgg11 13 16 19 (+ _bn)      Simonyan & Zisserman 2014, configurations A B D E
-    googlenet                   Szegedy et al. 2014, Inception v1 with BatchNorm (as torchvision)
-    resnet18 34 50 101 152      He et al. 2015, ImageNet ResNets (torchvision v1.5 Bottleneck)
-    resnet20 32 44 56 110 1202  He et al. 2015, CIFAR ResNets (6n+2 layers, option A shortcuts)
-
-build_model(name, num_classes, in_channels, image_size, **options); options valued None count as
-not given, an option the family does not take is a ValueError. model_options(name) lists them:
-    stem        'auto' | 'cifar' | 'imagenet'   alexnet, nin, googlenet, resnets; auto: the CIFAR
-                                                stem up to 64 px, the ImageNet stem above
-    dropout     float                           alexnet, nin, vgg, googlenet
-    head        'auto' | 'compact' | 'paper'    vgg: auto = compact up to 64 px, the paper's above
-    aux_logits, inception_kernel (5 | 3), residual (None | 'identity' | 'projection')   googlenet
-    plain, zero_init_residual                                                           resnets
-
-Parameter names are torchvision's, so its ImageNet weights load as they are (README, "Fine-tune an
-ImageNet model"): pretrained_names / pretrained_options / torchvision_weights (through the torch
-hub cache), load_transfer (new head, 1-channel first conv), freeze_backbone.
-
-Why one file of ~830 lines (over the ~650 this repo aims for): seven families side by side,
-60-150 lines each, one registry and one build_model(); torchvision's weight mapping sits beside
-the classes whose parameter names it depends on. A reader compares VGG with its plain and
-residual successors on one page.
+lenet5 (LeCun 1998, ReLU + max-pool), alexnet (Krizhevsky 2012, torchvision's single tower), nin
+(Lin 2013), vgg11/13/16/19 (+ _bn; Simonyan & Zisserman 2014, A B D E), googlenet (Szegedy 2014,
+with BatchNorm as torchvision), resnet18/34/50/101/152 (He 2015, torchvision v1.5 bottleneck) and
+resnet20/32/44/56/110/1202 (He 2015, CIFAR 6n+2, option A shortcuts). build_model(name,
+num_classes, in_channels, image_size, **options): options valued None count as not given, one the
+family does not take is a ValueError (model_options(name) lists them: stem, dropout, head,
+aux_logits, inception_kernel, residual, plain, zero_init_residual). Parameter names are
+torchvision's, so its ImageNet weights load as they are (torchvision_weights, load_transfer,
+freeze_backbone: README, "Fine-tune an ImageNet model").
 """
 import argparse
 import os
@@ -714,7 +698,7 @@ def freeze_backbone(model):
     return [n for n, p in model.named_parameters() if p.requires_grad]
 
 
-# --------------------------------------------------------------------------- table
+# --------------------------------------------------------------------------- the table
 def _model_name(name):
     if name not in MODELS:
         raise argparse.ArgumentTypeError(f"unknown model {name!r}; choose from: {', '.join(MODELS)}")
@@ -722,50 +706,36 @@ def _model_name(name):
 
 
 def get_args_parser():
-    from runtime import int_range
-    parser = argparse.ArgumentParser(description="Parameters and forward MACs of every model.")
-    parser.add_argument("models", nargs="*", metavar="MODEL", type=_model_name,
-                        help=f"default: all of {', '.join(MODELS)}")
-    parser.add_argument("--image-size", type=int_range(1, 100_000), default=32)
-    parser.add_argument("--in-channels", type=int_range(1, 1024), default=3)
-    parser.add_argument("--num-classes", type=int_range(1, 1_000_000), default=10)
-    return parser
+    from runtime import number  # the model code itself needs no runtime
+    p = argparse.ArgumentParser(description="Parameters and forward MACs of every model.")
+    p.add_argument("models", nargs="*", metavar="MODEL", type=_model_name, help=f"default: all of {', '.join(MODELS)}")
+    p.add_argument("--image-size", type=number(int, 1, 100_000), default=32)
+    p.add_argument("--in-channels", type=number(int, 1, 1024), default=3)
+    p.add_argument("--num-classes", type=number(int, 1, 1_000_000), default=10)
+    return p
 
 
 def main(args):
-    names = args.models or list(MODELS)
-    for name in names:
-        if name not in MODELS:
-            raise ValueError(f"unknown model {name!r}; choose from: {', '.join(MODELS)}")
-    if min(args.image_size, args.in_channels, args.num_classes) < 1:
-        raise ValueError("--image-size, --in-channels and --num-classes must be positive")
-    too_small = {n: min_image_size(n, args.image_size) for n in names if args.image_size < min_image_size(n, args.image_size)}
-    if too_small and args.models:  # asked for by name: the one-line error of build_model
-        name = next(iter(too_small))
-        build_model(name, args.num_classes, args.in_channels, args.image_size)
-    shape = (1, args.in_channels, args.image_size, args.image_size)
-    print(f"input {'x'.join(map(str, shape[1:]))}, {args.num_classes} classes, default options\n")
-    print(f"| {'model':<11} | {'params':>9} | {'MACs':>9} |\n|{'-' * 13}|{'-' * 11}|{'-' * 11}|")
-    for name in names:
-        if name in too_small:
-            continue
-        # on the meta device: shapes only, no memory or compute (resnet1202 and vgg19 are instant)
+    """Parameters and MACs of each model, built on the meta device (shapes only: no memory, no
+    compute). A model named on the command line that cannot take the size is build_model's error."""
+    size, shape = args.image_size, (1, args.in_channels, args.image_size, args.image_size)
+    small = {n: min_image_size(n, size) for n in args.models or MODELS if size < min_image_size(n, size)}
+    if small and args.models:
+        build_model(next(iter(small)), args.num_classes, args.in_channels, size)
+    print(f"input {args.in_channels}x{size}x{size}, {args.num_classes} classes, default options\n\n"
+          f"| {'model':<11} | {'params':>9} | {'MACs':>9} |\n|{'-' * 13}|{'-' * 11}|{'-' * 11}|")
+    for name in [n for n in args.models or MODELS if n not in small]:
         with torch.device("meta"):
-            model = build_model(name, args.num_classes, args.in_channels, args.image_size)
-            params = sum(p.numel() for p in model.parameters())
-            macs = count_macs(model, shape)
-        print(f"| {name:<11} | {params / 1e6:8.2f}M | {_human(macs):>9} |")
-    if too_small:
-        print(f"note: left out, their pooling needs larger images: "
-              f"{', '.join(f'{n} (at least {m} px)' for n, m in too_small.items())}", file=sys.stderr)
-
-
-def _human(n):
-    return f"{n / 1e9:.2f}G" if n >= 1e9 else f"{n / 1e6:.1f}M"
+            model = build_model(name, args.num_classes, args.in_channels, size)
+            params, macs = sum(p.numel() for p in model.parameters()), count_macs(model, shape)
+        print(f"| {name:<11} | {params / 1e6:8.2f}M | {f'{macs / 1e9:.2f}G' if macs >= 1e9 else f'{macs / 1e6:.1f}M':>9} |")
+    if small:
+        print("note: left out, their pooling needs larger images: "
+              + ", ".join(f"{n} (at least {m} px)" for n, m in small.items()), file=sys.stderr)
 
 
 def cli(argv=None):
-    from runtime import run_cli  # as get_args_parser does: the model code itself needs no runtime
+    from runtime import run_cli
     return run_cli(main, get_args_parser(), argv)
 
 

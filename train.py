@@ -8,11 +8,9 @@
         --backbone-lr-scale 0.1 --lr 0.01 --epochs 10                  # fine-tune ImageNet weights
     torchrun --nproc_per_node 2 train.py --model resnet18 --dataset cifar10   # DDP
 
-Defaults are argparse's (DEFAULTS), with the optimizer's and the dataset's recipe applied as
-defaults (--help lists them); the checkpoint stores the resolved settings, and a resume is those
-plus the few flags a resume may change (RESUMABLE). The run dir gets config.json, metrics.csv
-(one row per epoch), last.pt, best.pt (best validation top-1; the last epoch without a
-validation split) and curves.png. docs/training.md has the checkpoint and resume contract.
+Defaults: DEFAULTS, then the optimizer's and the dataset's recipe (--help lists them); the
+checkpoint stores the resolved settings, a resume is those plus RESUMABLE flags. The run dir gets
+config.json, metrics.csv, last.pt, best.pt and curves.png (docs/training.md).
 """
 import argparse
 import copy
@@ -410,11 +408,10 @@ def plot_curves(history, path, title=""):
     """Loss and accuracy per epoch (integer epoch ticks)."""
     from matplotlib.figure import Figure  # no pyplot: no global backend state
     from matplotlib.ticker import MaxNLocator
-    fig = Figure(figsize=(11, 4.3))
-    axes = fig.subplots(1, 2)
-    ep = [r["epoch"] for r in history]
-    for ax, keys, scale, what in ((axes[0], ("train_loss", "val_loss", "test_loss"), 1, "loss"),
-                                  (axes[1], ("train_acc", "val_acc", "test_top1"), 100, "accuracy (%)")):
+    fig, ep = Figure(figsize=(11, 4.3)), [r["epoch"] for r in history]
+    for ax, keys, scale, what in zip(fig.subplots(1, 2), (("train_loss", "val_loss", "test_loss"),
+                                                          ("train_acc", "val_acc", "test_top1")),
+                                     (1, 100), ("loss", "accuracy (%)")):
         for key in keys:
             if any(r.get(key) is not None for r in history):
                 ax.plot(ep, [scale * r[key] if r.get(key) is not None else None for r in history], marker=".",
@@ -515,9 +512,8 @@ def build_run(a, d, device, rank, world, resume_ck):
         train_model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=bool(a.plain))
     if speed["compile"]:  # compiled lazily: epoch 1's time includes compilation
-        if a.compile_mode == "reduce-overhead" and world > 1 and any(isinstance(m, nn.BatchNorm2d) for m in model.modules()):
-            print("note: --compile-mode reduce-overhead under DDP skips CUDA graphs for this model (BatchNorm's "
-                  "running statistics are mutated inputs); it runs compiled without graphs", file=sys.stderr)
+        if rank == 0 and cudagraph_note(a.compile_mode, world, model):
+            print(cudagraph_note(a.compile_mode, world, model), file=sys.stderr)
         train_model = torch.compile(train_model, mode=None if a.compile_mode == "default" else a.compile_mode)
     return dict(a=a, d=d, device=device, speed=speed, rank=rank, world=world, opts=opts, init=init, model=model,
                 train_model=train_model, optimizer=optimizer, schedule=schedule, scaler=scaler, ema=ema,
@@ -526,26 +522,31 @@ def build_run(a, d, device, rank, world, resume_ck):
                 best_val=max([r["val_acc"] for r in history if r.get("val_acc") is not None], default=-1.0))
 
 
+def cudagraph_note(mode, world, model):
+    """reduce-overhead promises CUDA graphs, which inductor skips under DDP for a model with
+    BatchNorm (its running statistics are mutated inputs): say so instead."""
+    if mode == "reduce-overhead" and world > 1 and any(isinstance(m, nn.BatchNorm2d) for m in model.modules()):
+        return ("note: --compile-mode reduce-overhead under DDP skips CUDA graphs for this model (BatchNorm's "
+                "running statistics are mutated inputs): it runs compiled, without graphs")
+    return None
+
+
 def restore_state(ck, path, optimizer, schedule, scaler, ema, device):
     """The rest of a resumed run's state; a part that does not fit is one CheckpointError line. The
     CUDA RNG state is this process's device's own (the only one its kernels used)."""
-    part = "optimizer"
-    try:
-        optimizer.load_state_dict(ck["optimizer"])
-        part = "scheduler"
-        schedule.load_state_dict(ck["scheduler"])
-        part = "scaler"
-        scaler.load_state_dict(ck["scaler"])
-        part = "ema"
-        if ema is not None and ck["ema"] is not None:
-            ema.module.load_state_dict(ck["ema"])
-        part = "rng"
-        torch.set_rng_state(ck["rng"]["torch"])
-        if device.type == "cuda" and ck["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(ck["rng"]["cuda"], device)
-    except (KeyError, ValueError, RuntimeError, TypeError, AttributeError) as e:
-        raise checkpoint.CheckpointError(f"cannot resume {path}: its {part} state does not fit this run "
-                                         f"({type(e).__name__}: {runtime.one_line(e, 200)})") from None
+    cuda = ck["rng"].get("cuda") if device.type == "cuda" else None
+    for part, load, state in (("optimizer", optimizer.load_state_dict, ck["optimizer"]),
+                              ("scheduler", schedule.load_state_dict, ck["scheduler"]),
+                              ("scaler", scaler.load_state_dict, ck["scaler"]),
+                              ("ema", ema and ema.module.load_state_dict, ck["ema"]),
+                              ("rng", torch.set_rng_state, ck["rng"]["torch"]),
+                              ("cuda rng", lambda s: torch.cuda.set_rng_state(s, device), cuda)):
+        try:
+            if load and state is not None:
+                load(state)
+        except (KeyError, ValueError, RuntimeError, TypeError, AttributeError) as e:
+            raise checkpoint.CheckpointError(f"cannot resume {path}: its {part} state does not fit this run "
+                                             f"({type(e).__name__}: {runtime.one_line(e, 200)})") from None
 
 
 def open_run_dir(run, out, resume_ck):
@@ -660,11 +661,11 @@ def finish(run, out, session_seconds):
 
 def interrupted(epoch, out, resume=None):
     """What Ctrl-C prints: where the run stopped and the command that continues it."""
+    at = f"interrupted at epoch {epoch}"
     if out is not None and (out / "last.pt").exists():
-        return f"interrupted at epoch {epoch}; resume with: python train.py --resume {out / 'last.pt'}"
-    if resume and out is not None:
-        return f"interrupted at epoch {epoch}; resume with: python train.py --resume {resume} --out {out}"
-    return f"interrupted at epoch {epoch}, before the first checkpoint: nothing to resume"
+        return f"{at}; resume with: python train.py --resume {out / 'last.pt'}"
+    return f"{at}; resume with: python train.py --resume {resume} --out {out}" if resume and out else \
+        f"{at}, before the first checkpoint: nothing to resume"
 
 
 def main(a):
