@@ -194,7 +194,7 @@ def check_args(a):
     if a.freeze_backbone and a.backbone_lr_scale:
         raise ValueError("--backbone-lr-scale has no effect with --freeze-backbone (the backbone is fixed)")
     if a.pretrained:
-        models.pretrained_weights(a.model, a.pretrained)
+        checkpoint.pretrained_weights(a.model, a.pretrained)
     if a.tensorboard:
         try:
             import torch.utils.tensorboard  # noqa: F401
@@ -211,7 +211,7 @@ def build_optimizer(model, device, *, optimizer="sgd", lr, weight_decay, momentu
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     parts = [(params, lr)]
     if backbone_lr_scale and backbone_lr_scale != 1:
-        heads = tuple(h + "." for h in models.head_names(model))
+        heads = tuple(h + "." for h in checkpoint.head_names(model))
         parts = [([(n, p) for n, p in params if n.startswith(heads)], lr),
                  ([(n, p) for n, p in params if not n.startswith(heads)], lr * backbone_lr_scale)]
     groups = [g for part, group_lr in parts for g in (
@@ -464,7 +464,7 @@ def build_run(a, d, device, rank, world, resume_ck):
     torch.set_num_threads(speed["threads"])
     opts = {k: getattr(a, k) for k in MODEL_OPTIONS if getattr(a, k) not in (None, False)}
     if a.pretrained:  # torchvision's layout: ImageNet stem, VGG's paper head, GoogLeNet's 3x3 kernel
-        opts = models.pretrained_options(a.model, opts)
+        opts = checkpoint.pretrained_options(a.model, opts)
     model = models.build_model(a.model, d.num_classes, d.in_channels, d.image_size, **opts)
     init = resume_ck["init"] if resume_ck else None
     if resume_ck:
@@ -475,9 +475,9 @@ def build_run(a, d, device, rank, world, resume_ck):
                                                  f"{key} {str(resume_ck[key])[:120]}, the data {str(have)[:120]}")
         checkpoint.load_weights(model, resume_ck["model"], a.model, f"cannot resume {a.resume}: its weights")
     elif a.pretrained or a.init_from:
-        state, init = (models.torchvision_weights(a.model, a.pretrained, d.image_size) if a.pretrained
+        state, init = (checkpoint.torchvision_weights(a.model, a.pretrained, d.image_size) if a.pretrained
                        else checkpoint.load_init(a.init_from))
-        line = models.load_transfer(model, state, new_head=bool(a.pretrained))
+        line = checkpoint.load_transfer(model, state, new_head=bool(a.pretrained))
         if rank == 0:
             print(f"init from {init.get('weights') or init['source']}: {line}", flush=True)
             if a.pretrained and d.image_size < 64:
@@ -485,9 +485,9 @@ def build_run(a, d, device, rank, world, resume_ck):
                       f"px its last stages see maps of 1-2 px: pass --image-size {init['image_size']} for better "
                       "transfer (README: fine-tune)", file=sys.stderr)
     if init and init.get("mean") and init.get("std"):  # normalize as the weights were trained
-        d.mean, d.std = (tuple(models.for_channels(init[k], d.in_channels)) for k in ("mean", "std"))
+        d.mean, d.std = (tuple(checkpoint.for_channels(init[k], d.in_channels)) for k in ("mean", "std"))
     if a.freeze_backbone:
-        trainable = models.freeze_backbone(model)
+        trainable = checkpoint.freeze_backbone(model)
         if rank == 0:
             print(f"frozen backbone: training {', '.join(trainable)} only", flush=True)
     kw = dict(mean=d.mean, std=d.std, device=device, channels_last=speed["channels_last"], workers=a.workers,

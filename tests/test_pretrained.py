@@ -92,7 +92,7 @@ def test_strict_load_and_equal_outputs(name):
 def test_googlenet_mean_std_equal_torchvision_transform_input(hub):
     """torchvision runs its pretrained GoogLeNet with transform_input=True on ImageNet-normalized
     input; ours has no such layer and normalizes with the mean/std torchvision_weights records."""
-    state, init = models.torchvision_weights("googlenet")
+    state, init = checkpoint.torchvision_weights("googlenet")
     ref = torchvision_model("googlenet", transform_input=True).eval()
     ref.load_state_dict(state)
     with torch.device("meta"):
@@ -128,22 +128,22 @@ def hub(tmp_path, monkeypatch):
 
 
 def test_torchvision_weights_from_the_cache(hub):
-    state, init = models.torchvision_weights("resnet18", "IMAGENET1K_V1")
+    state, init = checkpoint.torchvision_weights("resnet18", "IMAGENET1K_V1")
     file = torch.load(hub / cache_file("resnet18"), weights_only=True)
     assert state.keys() == file.keys() and all(torch.equal(state[k], file[k]) for k in file)
     w = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
     assert init == {"source": "torchvision", "weights": "ResNet18_Weights.IMAGENET1K_V1",
                     "mean": list(w.transforms().mean), "std": list(w.transforms().std), "image_size": 224}
     # DEFAULT and the full enum name are the same weights
-    assert models.pretrained_weights("resnet18", "ResNet18_Weights.IMAGENET1K_V1") is w
-    assert models.pretrained_weights("resnet18", "DEFAULT") is w
+    assert checkpoint.pretrained_weights("resnet18", "ResNet18_Weights.IMAGENET1K_V1") is w
+    assert checkpoint.pretrained_weights("resnet18", "DEFAULT") is w
 
 
 def test_bad_weights_name():
-    with pytest.raises(models.WeightsError, match="IMAGENET1K_V1, IMAGENET1K_V2"):
-        models.pretrained_weights("resnet50", "IMAGENET21K")
-    with pytest.raises(models.WeightsError, match="resnet18 has no weights 'ResNet50_Weights.IMAGENET1K_V2'"):
-        models.pretrained_weights("resnet18", "ResNet50_Weights.IMAGENET1K_V2")
+    with pytest.raises(checkpoint.WeightsError, match="IMAGENET1K_V1, IMAGENET1K_V2"):
+        checkpoint.pretrained_weights("resnet50", "IMAGENET21K")
+    with pytest.raises(checkpoint.WeightsError, match="resnet18 has no weights 'ResNet50_Weights.IMAGENET1K_V2'"):
+        checkpoint.pretrained_weights("resnet18", "ResNet50_Weights.IMAGENET1K_V2")
 
 
 @pytest.mark.parametrize("name,options", [
@@ -154,23 +154,23 @@ def test_bad_weights_name():
 def test_models_without_weights_refused_with_the_list(name, options):
     published = [n for n in models.MODELS if n in torchvision.models.list_models(module=torchvision.models)]
     assert sorted(published) == sorted(WITH_WEIGHTS)
-    with pytest.raises(models.WeightsError) as info:
-        models.pretrained_options(name, options)
+    with pytest.raises(checkpoint.WeightsError) as info:
+        checkpoint.pretrained_options(name, options)
     msg = str(info.value)
     assert "\n" not in msg and all(n in msg for n in published)
 
 
 def test_pretrained_options_fill_torchvision_layout():
-    assert models.pretrained_options("resnet18", {"stem": "auto", "zero_init_residual": True}) == \
+    assert checkpoint.pretrained_options("resnet18", {"stem": "auto", "zero_init_residual": True}) == \
         {"stem": "imagenet", "zero_init_residual": True}
-    assert models.pretrained_options("googlenet", {"aux_logits": True}) == \
+    assert checkpoint.pretrained_options("googlenet", {"aux_logits": True}) == \
         {"aux_logits": True, "stem": "imagenet", "inception_kernel": 3}
-    assert models.pretrained_options("vgg11_bn", {}) == {"head": "paper"}
+    assert checkpoint.pretrained_options("vgg11_bn", {}) == {"head": "paper"}
 
 
 def test_alexnet_below_its_minimum_size_refused():
-    with pytest.raises(models.WeightsError, match="at least 63 px.*--image-size 224"):
-        models.torchvision_weights("alexnet", image_size=32)
+    with pytest.raises(checkpoint.WeightsError, match="at least 63 px.*--image-size 224"):
+        checkpoint.torchvision_weights("alexnet", image_size=32)
 
 
 def test_offline_error_line(tmp_path):
@@ -246,8 +246,8 @@ def test_one_channel_adaptation_equals_rgb_copy():
     for name in ("resnet18", "googlenet", "vgg11_bn"):
         rgb = ours_imagenet(name, 10)
         rgb.load_state_dict(perturbed(rgb.state_dict()))
-        gray = models.build_model(name, 10, 1, 224, **models.pretrained_options(name, {"aux_logits": name == "googlenet" or None}))
-        line = models.load_transfer(gray, rgb.state_dict(), new_head=False)
+        gray = models.build_model(name, 10, 1, 224, **checkpoint.pretrained_options(name, {"aux_logits": name == "googlenet" or None}))
+        line = checkpoint.load_transfer(gray, rgb.state_dict(), new_head=False)
         assert "summed over RGB for 1 channel" in line and "mismatch" not in line
         x = torch.randn(2, 1, 64, 64)
         with torch.no_grad():
@@ -283,7 +283,7 @@ def test_freeze_backbone_keeps_every_backbone_tensor(tmp_path):
 
 def test_freeze_backbone_keeps_batchnorm_in_eval_mode_through_train_and_copies():
     model = models.build_model("resnet20", 10)
-    assert models.freeze_backbone(model) == ["fc.weight", "fc.bias"]
+    assert checkpoint.freeze_backbone(model) == ["fc.weight", "fc.bias"]
     assert [n for n, p in model.named_parameters() if p.requires_grad] == ["fc.weight", "fc.bias"]
 
     def bn_modes(m):
@@ -333,7 +333,7 @@ def test_transfer_usage_errors_exit_2(flags):
 
 
 def test_pretrained_refused_for_model_without_weights_before_any_work(tmp_path):
-    with pytest.raises(models.WeightsError) as info:
+    with pytest.raises(checkpoint.WeightsError) as info:
         train.main(train_args("--model", "lenet5", "--pretrained", "--out", tmp_path / "run"))
     assert str(info.value).startswith("lenet5 has no torchvision ImageNet weights; --pretrained works with: alexnet")
     assert "\n" not in str(info.value) and not (tmp_path / "run").exists()
@@ -344,20 +344,20 @@ def test_load_transfer_summary_head_and_mismatches():
     src = init_state("resnet20", 10)
     # 100 classes: the head does not fit and is new; everything else loads
     model = models.build_model("resnet20", 100)
-    line = models.load_transfer(model, src, new_head=False)
+    line = checkpoint.load_transfer(model, src, new_head=False)
     assert line.startswith(f"loaded {len(src) - 2} of {len(src)} tensors; new head: fc")
     assert all(torch.equal(model.state_dict()[k], v) for k, v in src.items() if not k.startswith("fc."))
     # a wider first conv than the model's: named as a shape mismatch, the rest loads
     bad = dict(src, **{"conv1.weight": torch.zeros(16, 3, 5, 5), "extra.weight": torch.zeros(1)})
-    line = models.load_transfer(models.build_model("resnet20", 10), bad, new_head=False)
+    line = checkpoint.load_transfer(models.build_model("resnet20", 10), bad, new_head=False)
     assert "1 left at init (not in the weights)" not in line
     assert "1 shape mismatches: conv1.weight (16, 3, 5, 5) vs (16, 3, 3, 3)" in line
     assert "1 unused: extra.weight" in line
     # non-finite tensors (torchvision's vgg16 IMAGENET1K_FEATURES classifier) are not loaded
     nan = dict(src, **{"layer1.0.conv1.weight": torch.full_like(src["layer1.0.conv1.weight"], float("nan"))})
-    assert "1 non-finite: layer1.0.conv1.weight" in models.load_transfer(models.build_model("resnet20", 10), nan)
-    with pytest.raises(models.WeightsError, match="none of the given weights fit"):
-        models.load_transfer(models.build_model("lenet5", 10), src)
+    assert "1 non-finite: layer1.0.conv1.weight" in checkpoint.load_transfer(models.build_model("resnet20", 10), nan)
+    with pytest.raises(checkpoint.WeightsError, match="none of the given weights fit"):
+        checkpoint.load_transfer(models.build_model("lenet5", 10), src)
 
 
 def test_init_from_our_checkpoint_and_torchvision_state_dict(tmp_path):
@@ -372,14 +372,14 @@ def test_init_from_our_checkpoint_and_torchvision_state_dict(tmp_path):
     state, init = checkpoint.load_init(path)
     assert init == {"source": str(path), "model_name": "resnet18", "mean": [0.1, 0.2, 0.3], "std": [0.4, 0.5, 0.6]}
     model = models.build_model("resnet18", 10, 3, 224, stem="imagenet")
-    assert "new head: fc" in models.load_transfer(model, state, new_head=False)
+    assert "new head: fc" in checkpoint.load_transfer(model, state, new_head=False)
     # torchvision's layout as a plain state_dict, with a DDP prefix
     tv = perturbed(torchvision_model("resnet18").state_dict())
     torch.save({"module." + k: v for k, v in tv.items()}, tmp_path / "tv.pth")
     state, init = checkpoint.load_init(tmp_path / "tv.pth")
     assert init == {"source": str(tmp_path / "tv.pth")} and state.keys() == tv.keys()
     model = models.build_model("resnet18", 10, 3, 224, stem="imagenet")
-    line = models.load_transfer(model, state, new_head=False)
+    line = checkpoint.load_transfer(model, state, new_head=False)
     assert line == "loaded 120 of 122 tensors; new head: fc"
     torch.save([1, 2], tmp_path / "list.pt")
     with pytest.raises(checkpoint.CheckpointError, match="neither a deeper-networks checkpoint nor a state_dict"):
