@@ -55,7 +55,7 @@ def _or_none(check):
 # the cross-field rules (classes and mean/std lengths) are in check_fields.
 SCHEMA = {
     "format": (lambda v: v == FORMAT, repr(FORMAT)),
-    "model_name": (lambda v: v in MODELS, "a model name of models.MODELS"),
+    "model_name": (lambda v: isinstance(v, str) and v in MODELS, "a model name of models.MODELS"),
     "model_options": (lambda v: isinstance(v, dict) and all(isinstance(k, str) for k in v), "a dict of options"),
     "num_classes": _int(1), "in_channels": _int(1), "image_size": _int(1),
     "model": (_state, "a state_dict (names -> tensors)"),
