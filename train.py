@@ -438,7 +438,7 @@ def setup_runtime(a):
     the device, the seed, and the kernels' determinism (TF32 off under --deterministic)."""
     device = runtime.pick_device(a.device)
     rank, world = 0, 1
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+    if "RANK" in os.environ:  # under torchrun (DDP, NCCL or gloo) even with one process
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
             torch.cuda.set_device(device)
@@ -656,7 +656,9 @@ def finish(run, out, session_seconds):
           + (f", best val top-1 {100 * best['val_acc']:.2f}% (epoch {best['epoch']})" if best else "")
           + f", final test top-1 {100 * last['test_top1']:.2f}% top-5 {100 * last['test_top5']:.2f}%"
           f", train time {sum(r['epoch_seconds'] for r in history):.1f}s (this session {session_seconds:.1f}s)"
-          f", {sum(r['images_per_second'] for r in history) / len(history):.0f} img/s; checkpoints in {out}", flush=True)
+          f", {sum(r['images_per_second'] for r in history) / len(history):.0f} img/s"
+          + (f", peak GPU memory {torch.cuda.max_memory_allocated(run['device']) / 2**30:.2f} GiB"
+             if run["device"].type == "cuda" else "") + f"; checkpoints in {out}", flush=True)
 
 
 def interrupted(epoch, out, resume=None):

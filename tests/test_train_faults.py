@@ -487,7 +487,7 @@ def test_torchrun_backend_follows_the_device(monkeypatch):
     monkeypatch.setattr(dist, "get_rank", lambda: 0)
     monkeypatch.setattr(dist, "get_world_size", lambda: 2)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
     a = train.parse_args(["--model", "lenet5", "--dataset", "synthetic", "--device", "cpu"])
     assert train.setup_runtime(a)[1:] == (2, torch.device("cpu")) and seen == ["gloo"]
     monkeypatch.setattr(torch.cuda, "set_device", lambda d: None)
