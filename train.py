@@ -41,10 +41,11 @@ METRIC_COLUMNS = ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc
 SWITCH = ("auto", "on", "off")
 # Every flag's default, in one place; a recipe below overrides some of them.
 DEFAULTS = dict(data_dir="data", epochs=30, batch_size=128, optimizer="sgd", momentum=0.9, nesterov=True,
-                scheduler="cosine", gamma=0.1, step_size=30, patience=5, warmup_epochs=0.0, augment="standard",
-                cutout=0, val_split=0.0, label_smoothing=0.0, mixup=0.0, cutmix=0.0, ema=0.0, clip_grad=0.0,
-                amp="auto", compile="auto", compile_mode="default", channels_last="auto", device="auto",
-                workers=4, seed=0, deterministic=False, tensorboard=False, freeze_backbone=False)
+                scheduler="cosine", gamma=0.1, step_size=30, patience=5, warmup_epochs=0.0,
+                augment="standard", cutout=0, val_split=0.0, label_smoothing=0.0, mixup=0.0, cutmix=0.0,
+                ema=0.0, clip_grad=0.0, amp="auto", compile="auto", compile_mode="default",
+                channels_last="auto", device="auto", workers=4, seed=0, deterministic=False,
+                tensorboard=False, freeze_backbone=False)
 OPTIMIZERS = {"sgd": dict(lr=0.1, weight_decay=5e-4), "adamw": dict(lr=1e-3, weight_decay=0.05)}
 RECIPES = {  # per dataset, applied after the optimizer's
     "mnist": dict(epochs=10, augment="none"), "fashion-mnist": dict(epochs=20, augment="none"),
@@ -52,10 +53,11 @@ RECIPES = {  # per dataset, applied after the optimizer's
     "cifar10": dict(epochs=30), "cifar100": dict(epochs=60), "folder": dict(epochs=30),
     "synthetic": dict(epochs=5, augment="none"),
 }
-MODEL_OPTIONS = ("plain", "residual", "aux_logits", "inception_kernel", "stem", "head", "dropout", "zero_init_residual")
+MODEL_OPTIONS = ("plain", "residual", "aux_logits", "inception_kernel", "stem", "head", "dropout",
+                 "zero_init_residual")
 # What a resume may change; every other setting comes from the checkpoint (the same run goes on).
-RESUMABLE = ("epochs", "out", "device", "workers", "compile", "compile_mode", "threads", "resume", "tensorboard",
-             "data_dir")
+RESUMABLE = ("epochs", "out", "device", "workers", "compile", "compile_mode", "threads", "resume",
+             "tensorboard", "data_dir")
 FLOAT32_MAX = float(torch.finfo(torch.float32).max)  # larger factors overflow inside the optimizer
 DIVERGED_HINT = "lower the learning rate (--lr {lr:g}) or add --clip-grad / --warmup-epochs"
 
@@ -87,8 +89,8 @@ def get_args_parser(argument_default=None):
     g.add_argument("--dataset", choices=sorted(data.DATASETS), help="dataset")
     g.add_argument("--data-dir", help="dataset root, torchvision's layout")
     g.add_argument("--image-size", type=count, help="resize to N px (default: native)")
-    g.add_argument("--channels", type=int, choices=(1, 3), help="convert images to C channels (default: native)")
-    g.add_argument("--val-split", type=fraction, help="fraction of train held out (stratified) to pick best.pt")
+    g.add_argument("--channels", type=int, choices=(1, 3), help="convert to C channels (default: native)")
+    g.add_argument("--val-split", type=fraction, help="train fraction held out to pick best.pt")
     g.add_argument("--limit-train", type=count, help="stratified train subset")
     g.add_argument("--limit-test", type=count, help="stratified test subset")
     g.add_argument("--augment", choices=data.AUGMENTS, help="augmentation preset")
@@ -98,7 +100,8 @@ def get_args_parser(argument_default=None):
     g.add_argument("--residual", nargs="?", const="identity", choices=("identity", "projection"),
                    help="GoogLeNet shortcuts (no value: identity)")
     g.add_argument("--aux-logits", action="store_true", help="GoogLeNet auxiliary heads (loss weight 0.3)")
-    g.add_argument("--inception-kernel", type=int, choices=(3, 5), help="GoogLeNet (5: paper, 3: torchvision)")
+    g.add_argument("--inception-kernel", type=int, choices=(3, 5),
+                   help="GoogLeNet (5: paper's, 3: torchvision's)")
     g.add_argument("--stem", choices=("auto", "cifar", "imagenet"), help="auto: CIFAR stem up to 64 px")
     g.add_argument("--head", choices=("auto", "compact", "paper"), help="VGG head")
     g.add_argument("--dropout", type=fraction, help="dropout before the classifier")
@@ -119,9 +122,10 @@ def get_args_parser(argument_default=None):
     g.add_argument("--momentum", type=fraction, help="SGD momentum")
     g.add_argument("--nesterov", action=argparse.BooleanOptionalAction, help="Nesterov momentum")
     g.add_argument("--weight-decay", type=factor, help="not on BatchNorm and biases")
-    g.add_argument("--scheduler", choices=("cosine", "step", "multistep", "plateau", "exponential", "onecycle", "none"))
+    g.add_argument("--scheduler", help="lr schedule",
+                   choices=("cosine", "step", "multistep", "plateau", "exponential", "onecycle", "none"))
     g.add_argument("--milestones", type=count, nargs="+", help="multistep epochs (default: 50%% and 75%%)")
-    g.add_argument("--gamma", type=number(float, 0, 1, lo_open=True), help="step/multistep/exponential/plateau factor")
+    g.add_argument("--gamma", type=number(float, 0, 1, lo_open=True), help="lr factor of a decay")
     g.add_argument("--step-size", type=count, help="step: epochs between decays")
     g.add_argument("--patience", type=number(int, 0, 10**6), help="plateau: epochs without improvement")
     g.add_argument("--warmup-epochs", type=number(float, 0, 10**6), help="linear warm-up length")
@@ -139,11 +143,11 @@ def get_args_parser(argument_default=None):
     g.add_argument("--compile-mode", help="torch.compile mode",
                    choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"))
     g.add_argument("--channels-last", nargs="?", const="on", choices=SWITCH, help="NHWC (no value: on)")
-    g.add_argument("--threads", type=threads_arg, help="CPU intra-op threads (default: torch's); auto: those free")
+    g.add_argument("--threads", type=threads_arg, help="CPU threads (default: torch's); auto: free")
     g.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), help="auto: cuda, mps, cpu")
     g.add_argument("--workers", type=number(int, 0, 256), help="dataloader path only")
     g.add_argument("--seed", type=number(int, 0, 2**32 - 1), help="seed of weights, data order, augmentation")
-    g.add_argument("--deterministic", action="store_true", help="repeatable kernels (slower; compile auto off)")
+    g.add_argument("--deterministic", action="store_true", help="repeatable kernels (slower)")
     g = p.add_argument_group("output")
     g.add_argument("--out", help="run dir (default: runs/<dataset>-<model>-<time>)")
     g.add_argument("--resume", metavar="CKPT", help="continue the run of this checkpoint")
@@ -171,10 +175,11 @@ def parse_args(argv=None):
         ignored = [f"{flag_text(k, v)} (checkpoint: {saved.get(k)})" for k, v in given.items()
                    if k not in RESUMABLE and v != saved.get(k)]
         if ignored and int(os.environ.get("RANK", 0)) == 0:
+            may = ", ".join(flag_text(k, True) for k in RESUMABLE if k != "resume")
             print(f"warning: a resume keeps the run's settings; ignored: {', '.join(ignored)} (a resume may "
-                  f"change only {', '.join(flag_text(k, True) for k in RESUMABLE if k != 'resume')})", file=sys.stderr)
-        a = argparse.Namespace(**{**vars(get_args_parser().parse_args([])), **saved, "out": None, "threads": None,
-                                  **{k: v for k, v in given.items() if k in RESUMABLE}})
+                  f"change only {may})", file=sys.stderr)
+        a = argparse.Namespace(**{**vars(get_args_parser().parse_args([])), **saved, "out": None,
+                                  "threads": None, **{k: v for k, v in given.items() if k in RESUMABLE}})
         a.out = a.out or str(Path(a.resume).parent)
         return a
     if "model" not in given or "dataset" not in given:
@@ -187,8 +192,8 @@ def parse_args(argv=None):
 def check_args(a):
     """What no single flag's range can say."""
     if a.scheduler == "plateau" and not a.val_split:
-        raise ValueError("--scheduler plateau watches validation loss: give --val-split > 0 (it never looks at the "
-                         "test set)")
+        raise ValueError("--scheduler plateau watches validation loss: give --val-split > 0 (it never "
+                         "looks at the test set)")
     if (a.freeze_backbone or a.backbone_lr_scale) and not (a.pretrained or a.init_from):
         raise ValueError("--freeze-backbone and --backbone-lr-scale need --pretrained or --init-from")
     if a.freeze_backbone and a.backbone_lr_scale:
@@ -219,7 +224,7 @@ def build_optimizer(model, device, *, optimizer="sgd", lr, weight_decay, momentu
         {"params": [p for _, p in part if p.ndim <= 1], "weight_decay": 0.0, "lr": group_lr}) if g["params"]]
     fused = {"fused": True} if device.type == "cuda" else {}
     if optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=bool(nesterov and momentum > 0), **fused)
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0, **fused)
     return torch.optim.AdamW(groups, lr=lr, **fused)
 
 
@@ -230,9 +235,9 @@ class Schedule:
 
     def __init__(self, optimizer, name, epochs, iters_per_epoch, warmup_epochs=0.0, milestones=None,
                  gamma=0.1, step_size=30, patience=5):
-        self.optimizer, self.name, self.ipe, self.total = optimizer, name, iters_per_epoch, epochs * iters_per_epoch
-        self.warmup = int(round(warmup_epochs * iters_per_epoch))
-        self.milestones = list(milestones) if milestones is not None else [int(epochs * 0.5), int(epochs * 0.75)]
+        self.optimizer, self.name, self.ipe = optimizer, name, iters_per_epoch
+        self.total, self.warmup = epochs * iters_per_epoch, int(round(warmup_epochs * iters_per_epoch))
+        self.milestones = [int(epochs * 0.5), int(epochs * 0.75)] if milestones is None else list(milestones)
         self.gamma, self.step_size, self.patience = gamma, step_size, patience
         self.base_lrs = [g["lr"] for g in optimizer.param_groups]
         self.it, self.scale, self.best, self.bad_epochs = 0, 1.0, math.inf, 0
@@ -363,8 +368,8 @@ def train_one_epoch(model, loader, optimizer, schedule, scaler, criterion, *, ep
             if bad_step >= 0:
                 raise Diverged(f"loss became non-finite at epoch {epoch + 1}, step {bad_step + 1}; {hint}")
             if bad_model:
-                raise Diverged(f"the model's weights or BatchNorm statistics became non-finite at epoch {epoch + 1} "
-                               f"(by step {step + 1}; the loss was still finite); {hint}")
+                raise Diverged(f"the model's weights or BatchNorm statistics became non-finite at epoch "
+                               f"{epoch + 1} (by step {step + 1}; the loss was still finite); {hint}")
         if progress is not None:
             progress.update(1)
     if dist.is_initialized():
@@ -379,7 +384,7 @@ def finite(model, ema=None):
     its EMA is finite (the max-abs norm over all of them is finite exactly then)."""
     tensors = [t.detach() for m in (model, ema.module if ema is not None else None) if m is not None
                for t in (*m.parameters(), *m.buffers()) if t.is_floating_point()]
-    return torch.isfinite(nn.utils.get_total_norm(tensors, math.inf)) if tensors else torch.ones((), dtype=torch.bool)
+    return torch.isfinite(nn.utils.get_total_norm(tensors, math.inf)) if tensors else torch.tensor(True)
 
 
 def any_rank(flags):
@@ -458,7 +463,7 @@ def setup_runtime(a):
 def build_run(a, d, device, rank, world, resume_ck):
     """Everything a run trains with (a dict): model, loaders, optimizer, schedule, scaler, EMA,
     loss, history and the epoch it starts at."""
-    steps = a.epochs * max(1, len(d.train) // a.batch_size)  # all epochs: a resume decides as the first run did
+    steps = a.epochs * max(1, len(d.train) // a.batch_size)  # all epochs: a resume decides as the run did
     speed = runtime.pick_speed(device, amp=a.amp, compile=a.compile, channels_last=a.channels_last,
                                threads=a.threads, train_steps=steps, deterministic=a.deterministic)
     torch.set_num_threads(speed["threads"])
@@ -468,11 +473,11 @@ def build_run(a, d, device, rank, world, resume_ck):
     model = models.build_model(a.model, d.num_classes, d.in_channels, d.image_size, **opts)
     init = resume_ck["init"] if resume_ck else None
     if resume_ck:
-        for key, have in (("num_classes", d.num_classes), ("in_channels", d.in_channels), ("image_size", d.image_size),
-                          ("classes", list(map(str, d.classes)))):
+        for key, have in (("num_classes", d.num_classes), ("in_channels", d.in_channels),
+                          ("image_size", d.image_size), ("classes", list(map(str, d.classes)))):
             if resume_ck[key] is not None and resume_ck[key] != have:
-                raise checkpoint.CheckpointError(f"cannot resume {a.resume} on {a.data_dir}: the checkpoint has "
-                                                 f"{key} {str(resume_ck[key])[:120]}, the data {str(have)[:120]}")
+                raise checkpoint.CheckpointError(f"cannot resume {a.resume} on {a.data_dir}: the checkpoint "
+                                                 f"has {key} {resume_ck[key]}, the data {have}"[:400])
         checkpoint.load_weights(model, resume_ck["model"], a.model, f"cannot resume {a.resume}: its weights")
     elif a.pretrained or a.init_from:
         state, init = (checkpoint.torchvision_weights(a.model, a.pretrained, d.image_size) if a.pretrained
@@ -481,26 +486,29 @@ def build_run(a, d, device, rank, world, resume_ck):
         if rank == 0:
             print(f"init from {init.get('weights') or init['source']}: {line}", flush=True)
             if a.pretrained and d.image_size < 64:
-                print(f"warning: {init['weights']} was trained on {init['image_size']} px images; at {d.image_size} "
-                      f"px its last stages see maps of 1-2 px: pass --image-size {init['image_size']} for better "
-                      "transfer (README: fine-tune)", file=sys.stderr)
+                print(f"warning: {init['weights']} was trained on {init['image_size']} px images; at "
+                      f"{d.image_size} px its last stages see maps of 1-2 px: pass --image-size "
+                      f"{init['image_size']} for better transfer (README: fine-tune)", file=sys.stderr)
     if init and init.get("mean") and init.get("std"):  # normalize as the weights were trained
         d.mean, d.std = (tuple(checkpoint.for_channels(init[k], d.in_channels)) for k in ("mean", "std"))
     if a.freeze_backbone:
         trainable = checkpoint.freeze_backbone(model)
         if rank == 0:
             print(f"frozen backbone: training {', '.join(trainable)} only", flush=True)
-    kw = dict(mean=d.mean, std=d.std, device=device, channels_last=speed["channels_last"], workers=a.workers,
-              seed=a.seed)
-    loaders = {"train": data.make_loader(d.train, batch_size=a.batch_size // world, train=True, augment=a.augment,
-                                         cutout=a.cutout, rank=rank, world_size=world, **kw),
-               "val": data.make_loader(d.val, batch_size=max(256, a.batch_size), train=False, **kw) if d.val else None,
-               "test": data.make_loader(d.test, batch_size=max(256, a.batch_size), train=False, **kw)}
-    model = model.to(device, memory_format=torch.channels_last if speed["channels_last"] else torch.contiguous_format)
+    kw = dict(mean=d.mean, std=d.std, device=device, channels_last=speed["channels_last"], seed=a.seed,
+              workers=a.workers)
+    loaders = {"train": data.make_loader(d.train, batch_size=a.batch_size // world, train=True, rank=rank,
+                                         augment=a.augment, cutout=a.cutout, world_size=world, **kw)}
+    for split in ("val", "test"):
+        s = getattr(d, split)
+        loaders[split] = s and data.make_loader(s, batch_size=max(256, a.batch_size), train=False, **kw)
+    fmt = torch.channels_last if speed["channels_last"] else torch.contiguous_format
+    model = model.to(device, memory_format=fmt)
     optimizer = build_optimizer(model, device, optimizer=a.optimizer, lr=a.lr, weight_decay=a.weight_decay,
-                                momentum=a.momentum, nesterov=a.nesterov, backbone_lr_scale=a.backbone_lr_scale)
-    schedule = Schedule(optimizer, a.scheduler, a.epochs, len(loaders["train"]), a.warmup_epochs, a.milestones,
-                        a.gamma, a.step_size, a.patience)
+                                momentum=a.momentum, nesterov=a.nesterov,
+                                backbone_lr_scale=a.backbone_lr_scale)
+    schedule = Schedule(optimizer, a.scheduler, a.epochs, len(loaders["train"]), a.warmup_epochs,
+                        a.milestones, a.gamma, a.step_size, a.patience)
     scaler = torch.amp.GradScaler(device.type, enabled=speed["amp"] == torch.float16)
     ema = EMA(model, a.ema) if a.ema > 0 else None
     history = []
@@ -510,24 +518,26 @@ def build_run(a, d, device, rank, world, resume_ck):
     train_model = model
     if world > 1:  # plain ImageNet ResNets keep (unused) projection convs for parameter parity
         train_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=bool(a.plain))
+            model, device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=bool(a.plain))
     if speed["compile"]:  # compiled lazily: epoch 1's time includes compilation
         if rank == 0 and cudagraph_note(a.compile_mode, world, model):
             print(cudagraph_note(a.compile_mode, world, model), file=sys.stderr)
         train_model = torch.compile(train_model, mode=None if a.compile_mode == "default" else a.compile_mode)
-    return dict(a=a, d=d, device=device, speed=speed, rank=rank, world=world, opts=opts, init=init, model=model,
-                train_model=train_model, optimizer=optimizer, schedule=schedule, scaler=scaler, ema=ema,
-                criterion=nn.CrossEntropyLoss(label_smoothing=a.label_smoothing), loaders=loaders, history=history,
-                start_epoch=resume_ck["epoch"] if resume_ck else 0,
+    return dict(a=a, d=d, device=device, speed=speed, rank=rank, world=world, opts=opts, init=init,
+                model=model, train_model=train_model, optimizer=optimizer, schedule=schedule, scaler=scaler,
+                ema=ema, criterion=nn.CrossEntropyLoss(label_smoothing=a.label_smoothing), loaders=loaders,
+                history=history, start_epoch=resume_ck["epoch"] if resume_ck else 0,
                 best_val=max([r["val_acc"] for r in history if r.get("val_acc") is not None], default=-1.0))
 
 
 def cudagraph_note(mode, world, model):
     """reduce-overhead promises CUDA graphs, which inductor skips under DDP for a model with
     BatchNorm (its running statistics are mutated inputs): say so instead."""
-    if mode == "reduce-overhead" and world > 1 and any(isinstance(m, nn.BatchNorm2d) for m in model.modules()):
-        return ("note: --compile-mode reduce-overhead under DDP skips CUDA graphs for this model (BatchNorm's "
-                "running statistics are mutated inputs): it runs compiled, without graphs")
+    if mode == "reduce-overhead" and world > 1 and any(isinstance(m, nn.BatchNorm2d)
+                                                       for m in model.modules()):
+        return ("note: --compile-mode reduce-overhead under DDP skips CUDA graphs for this model (BatchNorm's"
+                " running statistics are mutated inputs): it runs compiled, without graphs")
     return None
 
 
@@ -565,15 +575,15 @@ def open_run_dir(run, out, resume_ck):
         speed = {**run["speed"], "amp": str(run["speed"]["amp"]), "eval_amp": str(run["speed"]["eval_amp"])}
         config = {**{k: plain(v) for k, v in vars(a).items()}, "model_options": run["opts"],
                   "num_classes": d.num_classes, "in_channels": d.in_channels, "image_size": d.image_size,
-                  "classes": list(map(str, d.classes)), "mean": list(d.mean), "std": list(d.std), "init": run["init"],
-                  "device": str(run["device"]), "world_size": run["world"], "amp_dtype": speed["amp"],
-                  "torch": torch.__version__, "speed": speed, "train_samples": len(d.train),
-                  "val_samples": len(d.val) if d.val else 0, "test_samples": len(d.test)}
+                  "classes": list(map(str, d.classes)), "mean": list(d.mean), "std": list(d.std),
+                  "init": run["init"], "device": str(run["device"]), "world_size": run["world"],
+                  "amp_dtype": speed["amp"], "torch": torch.__version__, "speed": speed,
+                  "train_samples": len(d.train), "val_samples": len(d.val or []), "test_samples": len(d.test)}
         runtime.write_text(out / "config.json", json.dumps(config, indent=2))
     except BaseException:
         lock.close()
         raise
-    print(f"{a.model} on {a.dataset}: {len(d.train)} train / {len(d.val) if d.val else 0} val / {len(d.test)} test, "
+    print(f"{a.model} on {a.dataset}: {len(d.train)} train / {len(d.val or [])} val / {len(d.test)} test, "
           f"{sum(p.numel() for p in run['model'].parameters()):,} params, device {run['device']}, amp "
           f"{run['speed']['amp']}, world {run['world']}, out {out}", flush=True)
     print(f"speed: {runtime.describe_speed(run['speed'])}", flush=True)
@@ -584,19 +594,21 @@ def run_epoch(run, epoch, progress=None):
     """Train one epoch, then evaluate -> (metrics row, validation result). Raises Diverged unless
     the loss, the model and its EMA after the last step, and the evaluation losses are finite:
     what save_epoch() writes is exactly what was checked."""
-    a, d, loaders, eval_amp = run["a"], run["d"], run["loaders"], run["speed"]["eval_amp"]
+    a, loaders, net = run["a"], run["loaders"], run["train_model"]
     loaders["train"].set_epoch(epoch)
     t0, lr = time.perf_counter(), run["optimizer"].param_groups[0]["lr"]
     train_loss, train_acc, seen = train_one_epoch(
-        run["train_model"], loaders["train"], run["optimizer"], run["schedule"], run["scaler"], run["criterion"],
+        net, loaders["train"], run["optimizer"], run["schedule"], run["scaler"], run["criterion"],
         epoch=epoch, device=run["device"], amp_dtype=run["speed"]["amp"], mixup=a.mixup, cutmix=a.cutmix,
         clip_grad=a.clip_grad, seed=a.seed, rank=run["rank"], ema=run["ema"], progress=progress)
     train_seconds = time.perf_counter() - t0
     if progress is not None:
         progress.close()
-    val = evaluate(run["train_model"], loaders["val"], d.num_classes, amp_dtype=eval_amp) if loaders["val"] else None
-    test = evaluate(run["train_model"], loaders["test"], d.num_classes, amp_dtype=eval_amp)
-    ema = evaluate(run["ema"].module, loaders["test"], d.num_classes, amp_dtype=eval_amp) if run["ema"] else None
+
+    def score(model, loader):
+        return loader and evaluate(model, loader, run["d"].num_classes, amp_dtype=run["speed"]["eval_amp"])
+    val, test = score(net, loaders["val"]), score(net, loaders["test"])
+    ema = run["ema"] and score(run["ema"].module, loaders["test"])
     bad = [f"{name} loss {r['loss']}" for name, r in (("validation", val), ("test", test), ("EMA test", ema))
            if r is not None and not math.isfinite(r["loss"])]
     if bad:  # finite weights whose eval-mode outputs are not (e.g. huge BatchNorm statistics)
@@ -622,7 +634,8 @@ def save_epoch(run, out, val, writer=None):
         args={k: plain(v) for k, v in vars(a).items()}, epoch=row["epoch"], model=run["model"].state_dict(),
         ema=run["ema"].module.state_dict() if run["ema"] else None, optimizer=run["optimizer"].state_dict(),
         scheduler=run["schedule"].state_dict(), scaler=run["scaler"].state_dict(),
-        rng={"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
+        rng={"torch": torch.get_rng_state(),
+             "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
         history=run["history"], init=run["init"])
     checkpoint.save(ck, out / "last.pt")
     improved = val is not None and val["top1"] > run["best_val"]
@@ -636,14 +649,12 @@ def save_epoch(run, out, val, writer=None):
     return improved
 
 
-def epoch_line(row, epochs):
-    msg = (f"epoch {row['epoch']}/{epochs} lr {row['lr']:.4g} train loss {row['train_loss']:.4f} "
-           f"acc {100 * row['train_acc']:.2f}% | ")
-    if row["val_loss"] is not None:
-        msg += f"val loss {row['val_loss']:.4f} acc {100 * row['val_acc']:.2f}% | "
-    msg += (f"test loss {row['test_loss']:.4f} top-1 {100 * row['test_top1']:.2f}% top-5 {100 * row['test_top5']:.2f}%"
-            f" | {row['epoch_seconds']:.1f}s {row['images_per_second']:.0f} img/s")
-    return msg + (f" | ema top-1 {100 * row['ema_test_top1']:.2f}%" if row["ema_test_top1"] is not None else "")
+def epoch_line(r, epochs):
+    val = f"val loss {r['val_loss']:.4f} acc {r['val_acc']:.2%} | " if r["val_loss"] is not None else ""
+    ema = f" | ema top-1 {r['ema_test_top1']:.2%}" if r["ema_test_top1"] is not None else ""
+    return (f"epoch {r['epoch']}/{epochs} lr {r['lr']:.4g} train loss {r['train_loss']:.4f} acc "
+            f"{r['train_acc']:.2%} | {val}test loss {r['test_loss']:.4f} top-1 {r['test_top1']:.2%} top-5 "
+            f"{r['test_top5']:.2%} | {r['epoch_seconds']:.1f}s {r['images_per_second']:.0f} img/s{ema}")
 
 
 def finish(run, out, session_seconds):
@@ -655,7 +666,8 @@ def finish(run, out, session_seconds):
     print(f"done: {a.model} on {a.dataset}, {last['epoch']} epochs"
           + (f", best val top-1 {100 * best['val_acc']:.2f}% (epoch {best['epoch']})" if best else "")
           + f", final test top-1 {100 * last['test_top1']:.2f}% top-5 {100 * last['test_top5']:.2f}%"
-          f", train time {sum(r['epoch_seconds'] for r in history):.1f}s (this session {session_seconds:.1f}s)"
+          f", train time {sum(r['epoch_seconds'] for r in history):.1f}s (this session "
+          f"{session_seconds:.1f}s)"
           f", {sum(r['images_per_second'] for r in history) / len(history):.0f} img/s"
           + (f", peak GPU memory {torch.cuda.max_memory_allocated(run['device']) / 2**30:.2f} GiB"
              if run["device"].type == "cuda" else "") + f"; checkpoints in {out}", flush=True)
@@ -681,12 +693,12 @@ def main(a):
         checkpoint.check_resumable(resume_ck, a.resume)
     try:
         rank, world, device = setup_runtime(a)
-        d = data.load_data(a.dataset, a.data_dir, image_size=a.image_size, channels=a.channels,
-                           val_split=a.val_split, limit_train=a.limit_train, limit_test=a.limit_test, seed=a.seed)
+        d = data.load_data(a.dataset, a.data_dir, image_size=a.image_size, channels=a.channels, seed=a.seed,
+                           val_split=a.val_split, limit_train=a.limit_train, limit_test=a.limit_test)
         run = build_run(a, d, device, rank, world, resume_ck)
     except KeyboardInterrupt:
-        raise KeyboardInterrupt("interrupted before training started; nothing was written"
-                                + (f" (resume with: python train.py --resume {a.resume})" if a.resume else "")) from None
+        again = f" (resume with: python train.py --resume {a.resume})" if a.resume else ""
+        raise KeyboardInterrupt(f"interrupted before training started; nothing was written{again}") from None
     out = Path(a.out or os.path.join("runs", f"{a.dataset}-{a.model}-{time.strftime('%Y%m%d-%H%M%S')}"))
     lock, writer, epoch = None, None, run["start_epoch"]
     try:
@@ -703,10 +715,12 @@ def main(a):
             progress = None
             if rank == 0 and sys.stdout.isatty():
                 from tqdm import tqdm
-                progress = tqdm(total=len(run["loaders"]["train"]), desc=f"epoch {epoch + 1}/{a.epochs}", leave=False)
+                progress = tqdm(total=len(run["loaders"]["train"]), desc=f"epoch {epoch + 1}/{a.epochs}",
+                                leave=False)
             row, val = run_epoch(run, epoch, progress)
             if rank == 0:
-                print(epoch_line(row, a.epochs) + (" *" if save_epoch(run, out, val, writer) else ""), flush=True)
+                best = save_epoch(run, out, val, writer)
+                print(epoch_line(row, a.epochs) + (" *" if best else ""), flush=True)
         if rank == 0 and run["history"]:
             finish(run, out, time.perf_counter() - wall0)
     except KeyboardInterrupt:
@@ -714,7 +728,7 @@ def main(a):
     except RuntimeError as e:  # --deterministic on an op without a deterministic kernel
         if "deterministic" not in str(e):
             raise
-        raise ValueError(f"--deterministic: {runtime.one_line(e, 200)}; run without --deterministic") from None
+        raise ValueError(f"--deterministic: {runtime.one_line(e, 200)}; run without it") from None
     finally:
         if writer is not None:
             writer.close()
@@ -726,7 +740,7 @@ def main(a):
 
 def cli(argv=None):
     """The command line's exit status (runtime.run_cli): 0; 1 with one `error:` line; 130 on Ctrl-C."""
-    return runtime.run_cli(main, parse_args, argv, oom_hint="lower --batch-size (or --image-size, --limit-train)")
+    return runtime.run_cli(main, parse_args, argv, oom_hint="lower --batch-size (or --image-size)")
 
 
 if __name__ == "__main__":
