@@ -43,8 +43,13 @@ def _state(v):
 
 
 def _reals(positive):
-    return lambda v: isinstance(v, (list, tuple)) and v and all(
-        isinstance(x, Real) and not isinstance(x, bool) and math.isfinite(x) and (x > 0 or not positive) for x in v)
+    def ok(x):
+        return isinstance(x, Real) and not isinstance(x, bool) and math.isfinite(x) and (not positive or x > 0)
+    return lambda v: isinstance(v, (list, tuple)) and v and all(map(ok, v))
+
+
+def _str(v):
+    return isinstance(v, str)
 
 
 def _or_none(check):
@@ -56,14 +61,14 @@ def _or_none(check):
 SCHEMA = {
     "format": (lambda v: v == FORMAT, repr(FORMAT)),
     "model_name": (lambda v: isinstance(v, str) and v in MODELS, "a model name of models.MODELS"),
-    "model_options": (lambda v: isinstance(v, dict) and all(isinstance(k, str) for k in v), "a dict of options"),
+    "model_options": (lambda v: isinstance(v, dict) and all(map(_str, v)), "a dict of options"),
     "num_classes": _int(1), "in_channels": _int(1), "image_size": _int(1),
     "model": (_state, "a state_dict (names -> tensors)"),
-    "classes": (_or_none(lambda v: isinstance(v, list) and all(isinstance(c, str) for c in v)),
+    "classes": (_or_none(lambda v: isinstance(v, list) and all(map(_str, v))),
                 "None or a list of class names (strings)"),
     "mean": (_or_none(_reals(False)), "None or a list of finite numbers"),
     "std": (_or_none(_reals(True)), "None or a list of numbers > 0"),
-    "args": (lambda v: isinstance(v, dict) and all(isinstance(k, str) for k in v), "a dict of training arguments"),
+    "args": (lambda v: isinstance(v, dict) and all(map(_str, v)), "a dict of training arguments"),
     "epoch": _int(0),
     "ema": (_or_none(_state), "None or a state_dict"),
     "optimizer": (_or_none(lambda v: isinstance(v, dict)), "None or an optimizer state dict"),
@@ -71,7 +76,7 @@ SCHEMA = {
     "scaler": (_or_none(lambda v: isinstance(v, dict)), "None or a GradScaler state dict"),
     "rng": (_or_none(lambda v: isinstance(v, dict) and torch.is_tensor(v.get("torch"))),
             "None or a dict with the torch RNG state"),
-    "history": (lambda v: isinstance(v, list) and all(isinstance(r, dict) for r in v), "a list of per-epoch rows (dicts)"),
+    "history": (lambda v: isinstance(v, list) and all(isinstance(r, dict) for r in v), "a list of dicts"),
     "init": (_or_none(lambda v: isinstance(v, dict)), "None or a dict"),
 }
 REQUIRED = ("format", "model_name", "model_options", "num_classes", "in_channels", "image_size", "model")
@@ -92,8 +97,8 @@ def check_fields(ck, path):
     if missing:
         raise CheckpointError(f"{path} is not a deeper-networks checkpoint (missing: {', '.join(missing)})")
     if ck["format"] != FORMAT:
-        raise CheckpointError(f"{path} is not a deeper-networks checkpoint: its format is {_show(ck['format'])}, "
-                              f"this program reads {FORMAT!r}")
+        raise CheckpointError(f"{path} is not a deeper-networks checkpoint: its format is "
+                              f"{_show(ck['format'])}, this program reads {FORMAT!r}")
     ck = {**dict.fromkeys(SCHEMA), "args": {}, "history": [], **ck}
     for key, (ok, expected) in SCHEMA.items():
         if not ok(ck[key]):
@@ -116,7 +121,8 @@ def make_checkpoint(*, model_name, model_options, num_classes, in_channels, imag
             "mean": [float(m) for m in mean] if mean is not None else None,
             "std": [float(s) for s in std] if std is not None else None,
             "args": dict(args or {}), "epoch": epoch, "model": model, "ema": ema, "optimizer": optimizer,
-            "scheduler": scheduler, "scaler": scaler, "rng": rng, "history": list(history or []), "init": init}
+            "scheduler": scheduler, "scaler": scaler, "rng": rng, "history": list(history or []),
+            "init": init}
 
 
 def save(ck, path):
@@ -160,20 +166,21 @@ def load_file(path):
         if _BLOCKED.search(str(e)):
             raise CheckpointError(f"refusing to load {path}: it contains pickled code/objects that are "
                                   "not plain weights (loaded with weights_only=True)") from None
-        reason = re.search(r"WeightsUnpickler error:\s*(\S.*)", str(e))
-        raise CheckpointError(f"cannot read checkpoint {path}: "
-                              + (f"not a torch.save file ({reason[1].strip()})" if reason else one_line(e, 200))) from None
+        reason = re.search(r"WeightsUnpickler error:\s*(\S.*)", str(e))  # a non-zip, non-pickle file
+        why = f"not a torch.save file ({reason[1].strip()})" if reason else one_line(e, 200)
+        raise CheckpointError(f"cannot read checkpoint {path}: {why}") from None
     except EOFError:
         raise CheckpointError(f"cannot read checkpoint {path}: empty or truncated file") from None
     except Exception as e:  # RuntimeError (bad zip), OSError (a directory), ...
-        raise CheckpointError(f"cannot read checkpoint {path}: {one_line(str(e).split('. ')[0], 200)}") from None
+        why = one_line(str(e).split(". ")[0], 200)
+        raise CheckpointError(f"cannot read checkpoint {path}: {why}") from None
 
 
 def load_checkpoint(path):
     """A deeper-networks checkpoint, loaded with weights_only=True and checked field by field."""
     ck = load_file(path)
     if not isinstance(ck, dict):
-        raise CheckpointError(f"{path} is not a deeper-networks checkpoint (a {type(ck).__name__}, not a dict)")
+        raise CheckpointError(f"{path} is not a deeper-networks checkpoint (a {type(ck).__name__})")
     return check_fields(ck, path)
 
 
@@ -212,10 +219,10 @@ def load_init(path):
                              "std": ck["std"], **({"init": ck["init"]} if ck["init"] else {})}
     if isinstance(ck, dict) and ck and all(isinstance(k, str) and torch.is_tensor(v) for k, v in ck.items()):
         return {re.sub(r"^(module\.|_orig_mod\.)+", "", k): v for k, v in ck.items()}, {"source": str(path)}
-    raise CheckpointError(f"{path} is neither a deeper-networks checkpoint nor a state_dict (a dict of tensors)")
+    raise CheckpointError(f"{path} is neither a deeper-networks checkpoint nor a state_dict (of tensors)")
 
 
-# ----------------------------------------------------------------------------- weights from elsewhere: torchvision, transfer
+# --------------------------------------------------------------------------- torchvision's weights, transfer
 class WeightsError(ValueError):
     """Pretrained weights that cannot be had or do not apply (one-line message)."""
 
@@ -295,7 +302,7 @@ def torchvision_weights(name, weights="DEFAULT", image_size=None):
         if os.path.exists(path):
             raise WeightsError(f"cannot read {path} ({reason}); delete it to download it again") from None
         raise WeightsError(f"{w} is not in the torch hub cache and could not be downloaded ({reason}): "
-                           f"put {file} (from {w.url}) at {path} ($TORCH_HOME/hub/checkpoints/{file})") from None
+                           f"put {file} (from {w.url}) at {path} ($TORCH_HOME/hub/checkpoints)") from None
     t = w.transforms()
     mean, std = list(t.mean), list(t.std)
     if name == "googlenet":
@@ -368,7 +375,8 @@ def load_transfer(model, state_dict, new_head=True):
         return ", ".join(keys[:3]) + (", ..." if len(keys) > 3 else "")
     missing = [k for k in body if k not in state]  # absent from the weights (not skipped ones)
     line = f"loaded {len(loaded)} of {len(own)} tensors"
-    line += f"; new head: {', '.join(heads)}" if any(k not in loaded for k in own if _is_head(k, heads)) else ""
+    if any(k not in loaded for k in own if _is_head(k, heads)):
+        line += f"; new head: {', '.join(heads)}"
     for what, keys in (("left at init (not in the weights)", missing), ("shape mismatches", mismatched),
                        ("non-finite", nonfinite), ("unused", unused)):
         if keys:
@@ -425,8 +433,8 @@ def lock_run_dir(out):
         if e.errno not in _IN_USE:
             return f  # a file system without locks (ENOLCK): run without one
         f.close()
-        raise ValueError(f"{out} is in use by another train.py run (it holds the lock on {Path(out) / LOCK_NAME}); "
-                         "wait for it to end or pick another --out") from None
+        raise ValueError(f"{out} is in use by another train.py run (it holds the lock on "
+                         f"{Path(out) / LOCK_NAME}); wait for it to end or pick another --out") from None
     except BaseException:
         f.close()
         raise

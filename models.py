@@ -523,7 +523,8 @@ def _model_name(name):
 def get_args_parser():
     from runtime import number  # the model code itself needs no runtime
     p = argparse.ArgumentParser(description="Parameters and forward MACs of every model.")
-    p.add_argument("models", nargs="*", metavar="MODEL", type=_model_name, help=f"default: all of {', '.join(MODELS)}")
+    p.add_argument("models", nargs="*", metavar="MODEL", type=_model_name,
+                   help=f"default: all of {', '.join(MODELS)}")
     p.add_argument("--image-size", type=number(int, 1, 100_000), default=32)
     p.add_argument("--in-channels", type=number(int, 1, 1024), default=3)
     p.add_argument("--num-classes", type=number(int, 1, 1_000_000), default=10)
@@ -543,7 +544,8 @@ def main(args):
         with torch.device("meta"):
             model = build_model(name, args.num_classes, args.in_channels, size)
             params, macs = sum(p.numel() for p in model.parameters()), count_macs(model, shape)
-        print(f"| {name:<11} | {params / 1e6:8.2f}M | {f'{macs / 1e9:.2f}G' if macs >= 1e9 else f'{macs / 1e6:.1f}M':>9} |")
+        human = f"{macs / 1e9:.2f}G" if macs >= 1e9 else f"{macs / 1e6:.1f}M"
+        print(f"| {name:<11} | {params / 1e6:8.2f}M | {human:>9} |")
     if small:
         print("note: left out, their pooling needs larger images: "
               + ", ".join(f"{n} (at least {m} px)" for n, m in small.items()), file=sys.stderr)

@@ -85,7 +85,7 @@ def pick_compile(value, device, *, train_steps=None, deterministic=False):
     if device.type == "cpu" and train_steps is not None and train_steps >= COMPILE_MIN_STEPS_CPU:
         return True, f"{train_steps} training steps >= {COMPILE_MIN_STEPS_CPU} repay compiling"
     if device.type == "cpu":
-        return False, f"{train_steps or 'few'} training steps < {COMPILE_MIN_STEPS_CPU}: compiling would not be repaid"
+        return False, f"{train_steps or 'few'} training steps < {COMPILE_MIN_STEPS_CPU}: not repaid"
     return False, f"{device.type}: not measured"
 
 
@@ -141,7 +141,7 @@ def pick_threads(value, device):
     if busy is None:
         return default, "torch's default (no /proc/stat to see other work)"
     cpus = os.cpu_count() or 1
-    return free_threads(default, cpus, busy), f"{default} by default, {busy:.1f} of {cpus} CPUs busy with other work"
+    return free_threads(default, cpus, busy), f"{default} by default, {busy:.1f} of {cpus} CPUs busy"
 
 
 def pick_speed(device, *, amp="auto", compile="auto", channels_last="auto", threads=None,
@@ -149,12 +149,13 @@ def pick_speed(device, *, amp="auto", compile="auto", channels_last="auto", thre
     """Every speed choice of a training run: amp (autocast dtype of the training steps or None),
     eval_amp (of its evaluations), compile, channels_last, threads, and why (one reason each)."""
     amp_dtype, amp_why = pick_amp(amp, device, training=True)
-    use_compile, compile_why = pick_compile(compile, device, train_steps=train_steps, deterministic=deterministic)
+    use_compile, compile_why = pick_compile(compile, device, train_steps=train_steps,
+                                            deterministic=deterministic)
     cl, cl_why = pick_channels_last(channels_last, device)
     n, threads_why = pick_threads(threads, device)
-    return {"amp": amp_dtype, "eval_amp": pick_amp(amp, device)[0], "compile": use_compile, "channels_last": cl,
-            "threads": n, "why": {"amp": amp_why, "compile": compile_why, "channels_last": cl_why,
-                                  "threads": threads_why}}
+    return {"amp": amp_dtype, "eval_amp": pick_amp(amp, device)[0], "compile": use_compile,
+            "channels_last": cl, "threads": n,
+            "why": {"amp": amp_why, "compile": compile_why, "channels_last": cl_why, "threads": threads_why}}
 
 
 def dtype_name(dtype):
@@ -226,7 +227,7 @@ def time_calls(fn, *, device="cpu", warmup=1, repeats=10, max_seconds=None):
         fn()
     synchronize(device)
     times, start = [], time.perf_counter()
-    while len(times) < repeats and (max_seconds is None or not times or time.perf_counter() - start < max_seconds):
+    while len(times) < repeats and (not times or not max_seconds or time.perf_counter() < start + max_seconds):
         t0 = time.perf_counter()
         fn()
         synchronize(device)
@@ -290,7 +291,7 @@ def ensure_fits(nbytes, device, what, hint):
 def is_out_of_memory(e):
     """MemoryError, torch.OutOfMemoryError, or an allocator's RuntimeError (also from a worker)."""
     return isinstance(e, (MemoryError, torch.OutOfMemoryError)) or isinstance(e, RuntimeError) and any(
-        s in str(e) for s in ("not enough memory", "can't allocate memory", "out of memory", "Cannot allocate memory"))
+        s in str(e) for s in ("not enough memory", "allocate memory", "out of memory"))
 
 
 # ----------------------------------------------------------------------------- the command line
@@ -300,8 +301,8 @@ def number(kind, lo=None, hi=None, *, lo_open=False, hi_open=False, what=""):
     exit 2 with a usage line naming the flag and the range ("argument --ema: must be in [0, 1),
     got 2"). `what` says in a word what the range means."""
     f = str if kind is int else "{:g}".format
-    allowed = (f"in {'(' if lo_open else '['}{f(lo)}, {f(hi)}{')' if hi_open else ']'}" if None not in (lo, hi)
-               else f"{'>' if lo_open else '>='} {f(lo)}" if lo is not None
+    allowed = (f"in {'(' if lo_open else '['}{f(lo)}, {f(hi)}{')' if hi_open else ']'}"
+               if None not in (lo, hi) else f"{'>' if lo_open else '>='} {f(lo)}" if lo is not None
                else f"{'<' if hi_open else '<='} {f(hi)}" if hi is not None else "finite")
     allowed += f" ({what})" if what else ""
 
@@ -327,9 +328,9 @@ def one_line(e, limit=300):
 
 def run_cli(main, parser, argv=None, oom_hint="lower --batch-size (or --image-size)"):
     """Every script's exit-code rule: parse argv with the parser (or a parse function; sys.argv
-    when None; bad usage exits 2 from argparse), run main(args) and return main's int or 0; 1 with one `error:` line for what a user can fix
-    (ValueError, OSError, running out of memory); 130 on Ctrl-C, printing the interrupt's own
-    message (e.g. how to resume) or "interrupted"."""
+    when None; bad usage exits 2 from argparse), run main(args) and return main's int or 0; 1 with
+    one `error:` line for what a user can fix (ValueError, OSError, running out of memory); 130 on
+    Ctrl-C, printing the interrupt's own message (e.g. how to resume) or "interrupted"."""
     signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         rc = main(getattr(parser, "parse_args", parser)(argv))

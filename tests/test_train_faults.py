@@ -434,7 +434,7 @@ WRONG_FIELDS = [  # (field, value, what the error line says it expected)
     ("classes", ["a"] * 3, "expected 10"), ("model_options", [], "a dict of options"),
     ("model", [1, 2], "a state_dict"), ("model", {"fc.weight": 1.0}, "a state_dict"),
     ("epoch", "1", "an integer >= 0"), ("epoch", 1.5, "an integer >= 0"), ("epoch", True, "an integer >= 0"),
-    ("history", "rows", "per-epoch rows"), ("history", [1, 2], "per-epoch rows"), ("args", ["--lr"], "a dict"),
+    ("history", "rows", "a list of dicts"), ("history", [1, 2], "a list of dicts"), ("args", ["--lr"], "a dict"),
     ("num_classes", "10", "an integer >= 1"), ("image_size", 0, "an integer >= 1"), ("model_name", "resnet19", "a model"),
     ("mean", "x", "finite numbers"), ("mean", [0.5, float("nan"), 0.5], "finite numbers"), ("std", [0.5, 0.0, 0.5], "> 0"),
     ("std", [0.5], "expected 3"), ("rng", {"torch": 3}, "torch RNG state"), ("optimizer", [], "optimizer state"),
