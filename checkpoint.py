@@ -44,7 +44,7 @@ def _state(v):
 
 def _reals(positive):
     def ok(x):
-        return isinstance(x, Real) and not isinstance(x, bool) and math.isfinite(x) and (not positive or x > 0)
+        return type(x) is not bool and isinstance(x, Real) and math.isfinite(x) and (x > 0 or not positive)
     return lambda v: isinstance(v, (list, tuple)) and v and all(map(ok, v))
 
 

@@ -226,8 +226,8 @@ def time_calls(fn, *, device="cpu", warmup=1, repeats=10, max_seconds=None):
     for _ in range(warmup):
         fn()
     synchronize(device)
-    times, start = [], time.perf_counter()
-    while len(times) < repeats and (not times or not max_seconds or time.perf_counter() < start + max_seconds):
+    times, end = [], time.perf_counter() + (max_seconds or math.inf)
+    while len(times) < repeats and (not times or time.perf_counter() < end):
         t0 = time.perf_counter()
         fn()
         synchronize(device)
