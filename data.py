@@ -16,6 +16,7 @@ Folder images are decoded by Pillow as predict.py decodes them: both see the sam
 import argparse
 import gzip
 import hashlib
+import importlib.util
 import os
 import pickle
 import shutil
@@ -42,10 +43,11 @@ from runtime import cpu_count, ensure_fits, one_line, replacing, run_cli
 AUGMENTS = ("none", "standard", "strong", "autoaugment", "randaugment", "trivialaugment")
 IN_MEMORY_LIMIT = 4 << 30  # folders above this many uint8 bytes use the dataloader path
 SYNTHETIC_TRAIN, SYNTHETIC_TEST = 2560, 512
-POLICY_CHUNK = 16  # tensor path: one AutoAugment/RandAugment/TrivialAugment draw per 16 images
+POLICY_CHUNK = 16  # one AutoAugment/RandAugment/TrivialAugment draw per 16 images
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".webp")
 GRAY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")  # Pillow modes read as 1 channel
 PIL_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)  # Pillow on a bad file
+MNIST_KINDS = ("images-idx3", "labels-idx1")  # IDX files: kind and number of dimensions
 CACHE_VERSION = 3  # 3: decoded by Pillow; the cache holds the sha256 of its images
 
 
@@ -57,13 +59,13 @@ class DataError(ValueError):
 class Split:
     images: Optional[torch.Tensor]  # uint8 N x C x H x W on the CPU, or None when file-backed
     labels: torch.Tensor  # int64 N
-    files: Optional[list] = None  # file-backed folder only
-    reader: Optional[Callable] = None  # file-backed: path -> uint8 C x H x W, ready to augment
+    files: Optional[list] = None  # file-backed only: the paths, and reader: path -> uint8 C x H x W
+    reader: Optional[Callable] = None
 
     def __len__(self):
         return len(self.labels)
 
-    def __getitem__(self, i):  # file-backed: (uint8 C x H x W, label), for the dataloader path's workers
+    def __getitem__(self, i):  # file-backed: what the dataloader path's workers load
         return self.reader(self.files[i]), self.labels[i]
 
 
@@ -90,28 +92,29 @@ def _seed(*parts):
 
 
 # ----------------------------------------------------------------------------- file readers
-# torchvision's dataset classes define the layout and download (md5-checked). We read with the
-# parsers below: torchvision's CIFAR/SVHN check every file's md5 on load (refusing anything but
-# the official bytes, so tests could not use them) and its MNIST reads only unpacked IDX files.
+# torchvision's dataset classes define the layout and download (md5-checked); the parsers below
+# read it: torchvision's CIFAR/SVHN check each file's md5 on load (refusing all but the official
+# bytes, so tests could not use them) and its MNIST reads only the unpacked IDX files.
 
 def _path(root, rel):
     """rel or rel.gz (MNIST ships gzipped IDX files) under root, or None."""
-    return next((p for p in (os.path.join(root, rel), os.path.join(root, rel) + ".gz") if os.path.isfile(p)), None)
+    p = os.path.join(root, rel)
+    return next((q for q in (p, p + ".gz") if os.path.isfile(q)), None)
 
 
 def _corrupt(path, e):
     return DataError(f"cannot read {path}: {one_line(e)} (delete it to download it again)")
 
 
-def _read_idx(path):
-    """An IDX file (raw or .gz) of unsigned bytes -> uint8 tensor of its shape."""
+def _read_idx(path, ndim):
+    """An IDX file (raw or .gz) of unsigned bytes: 0 0 8 ndim, ndim big-endian sizes, the bytes."""
     try:
         with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
             buf = f.read()
-        if len(buf) < 4 or buf[:3] != b"\0\0\x08":
-            raise ValueError("not an IDX file of unsigned bytes")
-        shape = struct.unpack(f">{buf[3]}I", buf[4:4 + 4 * buf[3]])
-        return torch.from_numpy(np.frombuffer(buf, np.uint8, offset=4 + 4 * buf[3]).reshape(shape).copy())
+        if buf[:4] != bytes([0, 0, 8, ndim]):
+            raise ValueError(f"not an IDX file of {ndim}-D unsigned bytes")
+        shape = struct.unpack(f">{ndim}I", buf[4:4 + 4 * ndim])
+        return torch.from_numpy(np.frombuffer(buf, np.uint8, offset=4 + 4 * ndim).reshape(shape).copy())
     except (OSError, EOFError, ValueError, struct.error) as e:
         raise _corrupt(path, e) from None
 
@@ -119,20 +122,16 @@ def _read_idx(path):
 def _read_mnist(folder, root):
     out = []
     for p in ("train", "t10k"):
-        x, y = (_read_idx(_path(root, f"{folder}/raw/{p}-{k}-ubyte")) for k in ("images-idx3", "labels-idx1"))
-        if x.ndim != 3 or y.ndim != 1 or len(x) != len(y):
-            raise DataError(f"{root}/{folder}/raw/{p}-*: images {tuple(x.shape)} do not match labels {tuple(y.shape)}")
+        x, y = (_read_idx(_path(root, f"{folder}/raw/{p}-{k}-ubyte"), int(k[-1])) for k in MNIST_KINDS)
+        if len(x) != len(y):
+            raise DataError(f"{root}/{folder}/raw/{p}-*: {len(x)} images but {len(y)} labels")
         out += [x.unsqueeze(1), y.long()]
     return out
 
 
-class _Unsafe(pickle.UnpicklingError):
-    """A pickle naming something the CIFAR files never contain (it could run code)."""
-
-
 def _refuse(what):
-    raise _Unsafe(f"refusing to unpickle {what}: CIFAR files hold only dicts, lists, strings and numpy "
-                  "arrays (crafted file?)")
+    raise DataError(f"refusing to unpickle {what}: CIFAR files hold only dicts, lists, strings and numpy "
+                    "arrays (crafted file?)")
 
 
 def _np_dtype(*args):
@@ -146,23 +145,21 @@ def _latin1(s, encoding="utf-8", errors="strict"):  # how Python 3's protocol 2 
     return s.encode("latin1")
 
 
-_NP_RECONSTRUCT, _NP_FROMBUFFER = np.ndarray.__reduce__(np.zeros(0))[0], np.zeros(1).__reduce_ex__(5)[0]
+_RECONSTRUCT, _FROMBUFFER = np.ndarray.__reduce__(np.zeros(0))[0], np.zeros(1).__reduce_ex__(5)[0]
 # Every global a CIFAR pickle needs: the official files (Python 2, protocol 2) name numpy's array
-# reconstruction, ndarray and dtype; Python 3 pickles of the same dicts add _codecs.encode and bytes()
-# (protocol 2) or numpy._core's names and _frombuffer (protocol 5). Arrays are always plain ndarrays.
-_CIFAR_GLOBALS = {
-    ("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): _np_dtype, ("_codecs", "encode"): _latin1,
-    **{(m, "bytes"): lambda *a: _refuse("bytes() with arguments") if a else b"" for m in ("builtins", "__builtin__")},
-    **{(f"numpy.{c}.multiarray", "_reconstruct"): lambda _, *a: _NP_RECONSTRUCT(np.ndarray, *a)
-       for c in ("core", "_core")},
-    **{(f"numpy.{c}.numeric", "_frombuffer"): lambda buf, dtype, *a: _NP_FROMBUFFER(buf, _np_dtype(dtype), *a)
-       for c in ("core", "_core")},
-}
+# reconstruction, ndarray and dtype; Python 3 pickles of the same dicts add _codecs.encode and
+# bytes() (protocol 2) or numpy._core's names and _frombuffer (protocol 5). Only plain ndarrays.
+_CIFAR_GLOBALS = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): _np_dtype,
+                  ("_codecs", "encode"): _latin1}
+for _m in ("core", "_core"):
+    _CIFAR_GLOBALS[(f"numpy.{_m}.multiarray", "_reconstruct")] = lambda _, *a: _RECONSTRUCT(np.ndarray, *a)
+    _CIFAR_GLOBALS[(f"numpy.{_m}.numeric", "_frombuffer")] = lambda b, t, *a: _FROMBUFFER(b, _np_dtype(t), *a)
+for _m in ("builtins", "__builtin__"):
+    _CIFAR_GLOBALS[(_m, "bytes")] = lambda *a: _refuse("bytes() with arguments") if a else b""
 
 
 class _CifarUnpickler(pickle.Unpickler):
-    """Builds only dicts, lists, strings, numbers and plain numpy arrays: any other global
-    (os.system, eval, a class) is refused before it is looked up, so a crafted file runs nothing."""
+    """Refuses every global but _CIFAR_GLOBALS before it is looked up: a crafted file runs nothing."""
 
     def find_class(self, module, name):
         return _CIFAR_GLOBALS.get((module, name)) or _refuse(f"{module}.{name}")
@@ -180,27 +177,20 @@ def _read_cifar(folder, names, label_key, root):
                 ys.append(torch.as_tensor(d[label_key], dtype=torch.int64).view(-1))
                 if len(xs[-1]) != len(ys[-1]):
                     raise ValueError(f"{len(xs[-1])} images but {len(ys[-1])} labels")
-            except _Unsafe as e:
-                raise DataError(f"{path}: {one_line(e)}") from None
+            except DataError as e:
+                raise DataError(f"{path}: {e}") from None
             except Exception as e:  # whatever a damaged pickle raises
                 raise _corrupt(path, e) from None
         out += [torch.cat(xs), torch.cat(ys)]
     return out
 
 
-def _scipy_io():
-    try:
-        import scipy.io
-    except ImportError:
-        raise DataError("svhn: reading its .mat files needs scipy (pip install scipy)") from None
-    return scipy.io
-
-
 def _read_svhn(root):
-    loadmat, out = _scipy_io().loadmat, []
+    import scipy.io
+    out = []
     for path in (os.path.join(root, f"{s}_32x32.mat") for s in ("train", "test")):
         try:
-            m = loadmat(path)
+            m = scipy.io.loadmat(path)
             x = torch.from_numpy(np.ascontiguousarray(m["X"].transpose(3, 2, 0, 1)))  # HWCN -> NCHW
             y = torch.from_numpy(m["y"].astype(np.int64)).view(-1) % 10  # the file labels 0 as 10
             if x.dtype != torch.uint8 or len(x) != len(y):
@@ -247,7 +237,7 @@ class Spec:
     files: tuple = ()  # the files read, relative to data_dir, in torchvision's layout
     read: Optional[Callable] = None  # data_dir -> [train x, train y, test x, test y]
     torchvision: Optional[Callable] = None  # the dataset class that downloads
-    splits: tuple = ()  # its constructor arguments for train and test
+    splits: tuple = ({"train": True}, {"train": False})  # its constructor arguments for train and test
 
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -260,12 +250,11 @@ raccoon ray road rocket rose sea seal shark shrew skunk skyscraper snail snake s
 streetcar sunflower sweet_pepper table tank telephone television tiger tractor train trout tulip
 turtle wardrobe whale willow_tree wolf woman worm""".split())
 CIFAR10_FILES = ([f"data_batch_{i}" for i in range(1, 6)], ["test_batch"])
-TRAIN_TEST = ({"train": True}, {"train": False})
 
 
 def _mnist_like(cls, mean, std):
-    files = tuple(f"{cls.__name__}/raw/{p}-{k}-ubyte" for p in ("train", "t10k") for k in ("images-idx3", "labels-idx1"))
-    return Spec(tuple(cls.classes), 1, 28, mean, std, files, partial(_read_mnist, cls.__name__), cls, TRAIN_TEST)
+    files = tuple(f"{cls.__name__}/raw/{p}-{k}-ubyte" for p in ("train", "t10k") for k in MNIST_KINDS)
+    return Spec(tuple(cls.classes), 1, 28, mean, std, files, partial(_read_mnist, cls.__name__), cls)
 
 
 DATASETS = {
@@ -274,29 +263,29 @@ DATASETS = {
     "kmnist": _mnist_like(tvd.KMNIST, (0.1918,), (0.3483,)),
     "cifar10": Spec(CIFAR10_CLASSES, 3, 32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616),
                     tuple(f"cifar-10-batches-py/{f}" for f in sum(CIFAR10_FILES, [])),
-                    partial(_read_cifar, "cifar-10-batches-py", CIFAR10_FILES, "labels"), tvd.CIFAR10, TRAIN_TEST),
+                    partial(_read_cifar, "cifar-10-batches-py", CIFAR10_FILES, "labels"), tvd.CIFAR10),
     "cifar100": Spec(CIFAR100_CLASSES, 3, 32, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762),
                      ("cifar-100-python/train", "cifar-100-python/test"),
                      partial(_read_cifar, "cifar-100-python", (["train"], ["test"]), "fine_labels"),
-                     tvd.CIFAR100, TRAIN_TEST),
+                     tvd.CIFAR100),
     "svhn": Spec(tuple("0123456789"), 3, 32, (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970),
-                 ("train_32x32.mat", "test_32x32.mat"), _read_svhn, tvd.SVHN, ({"split": "train"}, {"split": "test"})),
+                 ("train_32x32.mat", "test_32x32.mat"), _read_svhn, tvd.SVHN,
+                 ({"split": "train"}, {"split": "test"})),
     "folder": Spec(None, None, None, None, None),  # DIR/train/<class>/*, DIR/test/<class>/* (or val/)
     "synthetic": Spec(tuple(f"class{i}" for i in range(10)), 3, 32, None, None, read=_synthetic),
 }
 
 
 def _ensure_files(name, spec, root, download):
+    if name == "svhn" and importlib.util.find_spec("scipy") is None:  # reads SVHN (also in its download)
+        raise DataError("svhn: reading its .mat files needs scipy (pip install scipy)")
     missing = [os.path.join(root, f) for f in spec.files if _path(root, f) is None]
     if not missing:
         return
-    first = os.path.dirname(missing[0])  # 'data/cifar-10-batches-py/data_batch_1, data_batch_2, ...'
-    where = "expected " + ", ".join(missing[:1] + [os.path.basename(p) if os.path.dirname(p) == first else p
-                                                   for p in missing[1:]]) + " (torchvision's layout)"
+    near = [os.path.basename(p) for p in missing[1:]]  # a dataset's files share a folder
+    where = f"expected {', '.join(missing[:1] + near)} (torchvision's layout)"
     if not download:
         raise DataError(f"{name} not found and download is off: {where}")
-    if name == "svhn":  # scipy reads SVHN (here and in torchvision's download check)
-        _scipy_io()
     try:
         os.makedirs(root, exist_ok=True)
         # torchvision fetches, md5-checks and unpacks into a temporary folder; only then do complete
@@ -304,14 +293,15 @@ def _ensure_files(name, spec, root, download):
         with tempfile.TemporaryDirectory(prefix=".download-", dir=root, ignore_cleanup_errors=True) as tmp:
             for kwargs in spec.splits:
                 spec.torchvision(tmp, download=True, **kwargs)
-            for src in [p for p in Path(tmp).rglob("*") if p.is_file() and not p.name.endswith((".tar.gz", ".tgz"))]:
+            for src in Path(tmp).rglob("*"):
                 dst = Path(root) / src.relative_to(tmp)
-                if not dst.exists():
+                if src.is_file() and not src.name.endswith((".tar.gz", ".tgz")) and not dst.exists():
                     dst.parent.mkdir(parents=True, exist_ok=True)
                     with replacing(dst) as part:
                         shutil.move(src, part)
     except Exception as e:  # URLError, RuntimeError (torchvision), OSError, tarfile errors, ...
-        raise DataError(f"{name}: download failed ({type(e).__name__}: {one_line(e, 160)}); {where}") from None
+        why = f"{type(e).__name__}: {one_line(e, 150)}"
+        raise DataError(f"{name}: download failed ({why}); {where}") from None
     if any(_path(root, f) is None for f in spec.files):
         raise DataError(f"{name}: download finished but {where}")
 
@@ -319,16 +309,15 @@ def _ensure_files(name, spec, root, download):
 # ----------------------------------------------------------------------------- folders
 
 class _FileReader:
-    """path -> uint8 C x H x W: decoded as predict.read_image decodes it (first frame; grayscale
-    files 1 channel, 16-bit ones their high byte; others RGB, alpha dropped), resized to `size` by
-    torch's antialiased uint8 resize (predict.py reimplements it), converted to `channels`. Pillow
-    raises clean errors on damaged files and refuses decompression bombs (Image.MAX_IMAGE_PIXELS)."""
+    """path -> uint8 C x H x W, decoded as predict.read_image decodes it (first frame; grayscale
+    files 1 channel, 16-bit ones their high byte; others RGB), resized to size x size by torch's
+    antialiased uint8 resize (which predict.py reimplements), converted to `channels`."""
 
     def __init__(self, size, channels):
-        self.size, self.channels = tuple(size), channels
+        self.size, self.channels = size, channels
 
     def __call__(self, path):
-        try:
+        try:  # Pillow refuses damaged files and decompression bombs (Image.MAX_IMAGE_PIXELS)
             with Image.open(path) as im:
                 im.seek(0)
                 if im.mode not in GRAY_MODES:
@@ -340,8 +329,8 @@ class _FileReader:
         except PIL_ERRORS as e:
             raise DataError(f"cannot decode image {path}: {one_line(e)}") from None
         img = torch.from_numpy(np.atleast_3d(a).transpose(2, 0, 1).copy())
-        if tuple(img.shape[-2:]) != self.size:
-            img = TF.resize(img, list(self.size), antialias=True)
+        if img.shape[-1] != self.size or img.shape[-2] != self.size:
+            img = TF.resize(img, [self.size, self.size], antialias=True)
         return _convert_channels(img, self.channels)
 
 
@@ -358,44 +347,11 @@ def _decode_all(files, reader):
     return out
 
 
-def _list_images(split_dir, classes, ignore=()):
-    unknown = [d.name for d in os.scandir(split_dir) if d.is_dir() and not d.name.startswith(".")
-               and d.name not in classes and d.name not in ignore]
-    if unknown:
-        raise DataError(f"{split_dir} has class folders not in train/: {', '.join(sorted(unknown)[:5])}")
-    files, labels = [], []
-    for label, c in enumerate(classes):
-        d = os.path.join(split_dir, c)
-        names = sorted(f for f in os.listdir(d) if f.lower().endswith(IMAGE_EXTENSIONS)) if os.path.isdir(d) else []
-        files += [os.path.join(d, f) for f in names]
-        labels += [label] * len(names)
-    return files, torch.tensor(labels, dtype=torch.int64)
-
-
-def _probe(files, k=1000):
-    """Native channels (1 if every probed image is grayscale) and most common (H, W) from the
-    headers of up to k files spread over the list (Pillow reads headers without decoding)."""
-    sizes, gray = Counter(), True
-    for i in sorted(set(np.linspace(0, len(files) - 1, min(k, len(files))).astype(int).tolist())):
-        try:
-            with Image.open(files[i]) as im:
-                sizes[(im.height, im.width)] += 1
-                gray &= im.mode in GRAY_MODES
-        except PIL_ERRORS as e:
-            raise DataError(f"cannot read image {files[i]}: {one_line(e)}") from None
-    return gray, sizes.most_common(1)[0][0]
-
-
-def _digest(x):
-    """sha256 of a uint8 tensor's bytes (about 0.2 s for the 150 MB of CIFAR-10's train split)."""
-    return hashlib.sha256(x.contiguous().numpy()).hexdigest()
-
-
-def _cached_decode(cache_dir, prefix, key, files, reader, shape):
-    """The split's images from cache_dir/<prefix><key>.pt, or decoded now and cached there (older
-    caches of the prefix, from an older file list, are removed). The cache holds the sha256 of its
-    images: a file damaged inside an intact zip, or one of another C x H x W, is decoded again."""
-    path = os.path.join(cache_dir, f"{prefix}{key}.pt")
+def _cached_decode(cache, prefix, key, files, reader, shape):
+    """The split's images from cache/<prefix><key>.pt, or decoded now and cached there (replacing the
+    prefix's older caches). It holds their sha256: a cache damaged inside an intact zip is rebuilt."""
+    path = os.path.join(cache, f"{prefix}{key}.pt")
+    digest = lambda x: hashlib.sha256(x.contiguous().numpy()).hexdigest()  # noqa: E731 (0.2 s per 150 MB)
     if os.path.exists(path):
         try:
             d = torch.load(path, weights_only=True)
@@ -403,7 +359,7 @@ def _cached_decode(cache_dir, prefix, key, files, reader, shape):
             if not (torch.is_tensor(x) and x.dtype == torch.uint8 and tuple(x.shape) == (len(files), *shape)):
                 got = tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
                 problem = f"it holds {got} {getattr(x, 'dtype', '')}, not uint8 {(len(files), *shape)}"
-            elif d.get("sha256") != _digest(x):
+            elif d.get("sha256") != digest(x):
                 problem = "its images do not match their checksum (damaged file)"
             else:
                 return x
@@ -413,63 +369,72 @@ def _cached_decode(cache_dir, prefix, key, files, reader, shape):
     print(f"decoding {len(files)} images (once; cached in {path})", flush=True)
     x = _decode_all(files, reader)
     try:
-        os.makedirs(cache_dir, exist_ok=True)
+        os.makedirs(cache, exist_ok=True)
         with replacing(path) as tmp:
-            torch.save({"images": x, "sha256": _digest(x)}, tmp)
-        for old in os.listdir(cache_dir):
-            if old.startswith(prefix) and old.endswith(".pt") and old != os.path.basename(path):
-                os.remove(os.path.join(cache_dir, old))
+            torch.save({"images": x, "sha256": digest(x)}, tmp)
+        for old in os.listdir(cache):
+            if old.startswith(prefix) and old.endswith(".pt") and not old.startswith(prefix + key):
+                os.remove(os.path.join(cache, old))
     except (OSError, RuntimeError) as e:  # read-only or full disk: work without the cache
         print(f"note: cannot write cache {path}: {one_line(e)}", file=sys.stderr)
     return x
 
 
 def _load_folder(root, image_size, channels, in_memory):
-    train_dir = os.path.join(root, "train")
-    test_dir = next((os.path.join(root, d) for d in ("test", "val") if os.path.isdir(os.path.join(root, d))), None)
-    if not os.path.isdir(train_dir) or test_dir is None:
-        raise DataError(f"folder: expected {train_dir}/<class>/*.jpg|png and {root}/test/<class>/* (or val/)")
-    classes = sorted(d.name for d in os.scandir(train_dir) if d.is_dir() and not d.name.startswith("."))
-    splits = [_list_images(train_dir, classes), _list_images(test_dir, classes)]
-    for (files, _), d in zip(splits, (train_dir, test_dir)):
-        if not files:
-            raise DataError(f"folder: no {'/'.join(IMAGE_EXTENSIONS)} images under {d}/<class>/")
+    test = next((d for d in map(os.path.join, [root] * 2, ("test", "val")) if os.path.isdir(d)), None)
+    dirs = [os.path.join(root, "train"), test]
+    if not os.path.isdir(dirs[0]) or test is None:
+        raise DataError(f"folder: expected {dirs[0]}/<class>/*.jpg|png and {root}/test/<class>/* (or val/)")
+    found = [{c.name: sorted(f.path for f in os.scandir(c) if f.name.lower().endswith(IMAGE_EXTENSIONS))
+              for c in os.scandir(d) if c.is_dir() and not c.name.startswith(".")} for d in dirs]
+    unknown = sorted(set(found[1]) - set(found[0]))
+    if unknown:
+        raise DataError(f"{test} has class folders not in train/: {', '.join(unknown[:5])}")
     # A class folder without training images would become an output the model never learns:
     # dropped with a warning, unless the test split has images of it (then nothing can be right).
-    counts = [torch.bincount(y, minlength=len(classes)).tolist() for _, y in splits]
-    empty = [c for c, n in zip(classes, counts[0]) if n == 0]
-    tested = [f"{c} ({t})" for c, n, t in zip(classes, *counts) if n == 0 and t]
+    classes, empty = ([c for c in sorted(found[0]) if bool(found[0][c]) == keep] for keep in (True, False))
+    tested = [f"{c} ({len(found[1][c])})" for c in empty if found[1].get(c)]
     if tested:
-        raise DataError(f"folder: class folder(s) {', '.join(tested)} of {test_dir} have test images but "
-                        f"no training images in {train_dir}: add training images or remove the class")
+        raise DataError(f"folder: class folder(s) {', '.join(tested)} of {test} have test images but no "
+                        f"training images in {dirs[0]}: add training images or remove the class")
     if empty:
-        print(f"warning: folder: dropping class folder(s) without images in {train_dir}: {', '.join(empty)}",
+        print(f"warning: folder: dropping class folder(s) without images in {dirs[0]}: {', '.join(empty)}",
               file=sys.stderr)
-        classes = [c for c in classes if c not in empty]
-        splits = [_list_images(d, classes, ignore=empty) for d in (train_dir, test_dir)]
     if len(classes) < 2:
-        raise DataError(f"folder: {len(classes)} class folder(s) with images in {train_dir} "
+        raise DataError(f"folder: {len(classes)} class folder(s) with images in {dirs[0]} "
                         f"({', '.join(classes)}); a classifier needs at least 2")
-    gray, (h, w) = _probe(splits[0][0])
+    splits = [(sum((f.get(c, []) for c in classes), []),
+               torch.tensor([i for i, c in enumerate(classes) for _ in f.get(c, [])], dtype=torch.int64))
+              for f in found]
+    if not splits[1][0]:
+        raise DataError(f"folder: no {'/'.join(IMAGE_EXTENSIONS)} images under {test}/<class>/")
+    files, sizes, gray = splits[0][0], [], True  # from the headers of up to 1000 files spread over train/
+    for f in dict.fromkeys(files[i] for i in np.linspace(0, len(files) - 1, 1000).astype(int)):
+        try:
+            with Image.open(f) as im:
+                sizes.append(im.size[::-1])
+                gray &= im.mode in GRAY_MODES
+        except PIL_ERRORS as e:
+            raise DataError(f"cannot read image {f}: {one_line(e)}") from None
+    h, w = Counter(sizes).most_common(1)[0][0]
     if not image_size and h != w:
         raise DataError(f"folder: images are {h}x{w} (not square); choose an image size")
     size, native = image_size or h, 1 if gray else 3
     c, n = channels or native, len(splits[0][0]) + len(splits[1][0])
-    if in_memory is None:
-        in_memory = n * c * size * size <= IN_MEMORY_LIMIT
+    in_memory = n * c * size * size <= IN_MEMORY_LIMIT if in_memory is None else in_memory
     ensure_fits((n if in_memory else 1) * max(c, native) * size * size, "cpu",
                 f"{n if in_memory else 1} images at {size}x{size} px", "choose a smaller --image-size")
     if not in_memory:
-        return classes, c, size, [Split(None, y, files, _FileReader((size, size), c)) for files, y in splits]
+        return classes, c, size, [Split(None, y, files, _FileReader(size, c)) for files, y in splits]
     out = []
-    for (files, y), d in zip(splits, (train_dir, test_dir)):
+    for (files, y), d in zip(splits, dirs):
         key = hashlib.sha256(f"v{CACHE_VERSION}\n".encode())
         for f in files:  # the cache is keyed by the file list, sizes and modification times
             st = os.stat(f)
             key.update(f"{f[len(root):]}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
         prefix = f"{os.path.basename(d)}-{size}x{size}-{'gray' if gray else 'rgb'}-"
         x = _cached_decode(os.path.join(root, ".cache"), prefix, key.hexdigest()[:16], files,
-                           _FileReader((size, size), native), (native, size, size))
+                           _FileReader(size, native), (native, size, size))
         out.append(Split(_convert_channels(x, c), y))
     return classes, c, size, out
 
@@ -486,24 +451,18 @@ def _convert_channels(x, channels):
         return x.repeat_interleave(3, dim=-3)
     if c != 3 or channels != 1:
         raise DataError(f"cannot convert {c}-channel images to {channels} channels (1 or 3)")
-    out = []
-    for chunk in x.split(4096) if x.ndim == 4 else [x]:
-        w = chunk.to(torch.int32)
-        lum = (w.select(-3, 0) * 19595 + w.select(-3, 1) * 38470 + w.select(-3, 2) * 7471 + 0x8000) >> 16
-        out.append(lum.to(torch.uint8).unsqueeze(-3))
-    return torch.cat(out) if x.ndim == 4 else out[0]
+    w = torch.tensor([19595, 38470, 7471], dtype=torch.int32).view(3, 1, 1)
+    return torch.cat([(((b.to(torch.int32) * w).sum(-3, keepdim=True) + 0x8000) >> 16).to(torch.uint8)
+                      for b in x.split(1024)])  # in chunks: int32 copies of a whole split are large
 
 
 def _stats(x):
     """Exact per-channel mean and std (0..1 scale) of uint8 N x C x H x W, from value histograms."""
-    v, mean, std = torch.arange(256, dtype=torch.float64) / 255, [], []
-    for c in range(x.shape[1]):
-        h = torch.bincount(x[:, c].reshape(-1), minlength=256).double()
-        h /= h.sum()
-        m = (h * v).sum()
-        mean.append(m.item())
-        std.append(((h * v.square()).sum() - m.square()).clamp_min(0).sqrt().item())
-    return tuple(mean), tuple(std)
+    v = torch.arange(256, dtype=torch.float64) / 255
+    h = [torch.bincount(c.reshape(-1), minlength=256).double() / c.numel() for c in x.unbind(1)]
+    mean = [(p * v).sum() for p in h]
+    return (tuple(m.item() for m in mean),
+            tuple(((p * v.square()).sum() - m.square()).clamp_min(0).sqrt().item() for p, m in zip(h, mean)))
 
 
 def _stratified(labels, k, seed):
@@ -526,10 +485,8 @@ def _subset(split, idx):
 
 def load_data(name, data_dir="data", *, image_size=None, channels=None, val_split=0.0,
               limit_train=None, limit_test=None, seed=0, download=True, in_memory=None):
-    """Load a registered dataset as uint8 splits; see the module docstring.
-
-    in_memory (folder only): None = decide by size (IN_MEMORY_LIMIT), False = file-backed split
-    for the dataloader path, True = decode everything (once, cached under DIR/.cache/)."""
+    """Load a registered dataset as uint8 splits (see the module docstring). in_memory (folder only):
+    None = by size (IN_MEMORY_LIMIT), False = file-backed (the dataloader path), True = decode all."""
     if name not in DATASETS:
         raise DataError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
     root, spec = str(data_dir or "data"), DATASETS[name]
@@ -539,9 +496,10 @@ def load_data(name, data_dir="data", *, image_size=None, channels=None, val_spli
         _ensure_files(name, spec, root, download)
         xtr, ytr, xte, yte = spec.read(root)
         classes, c, size = list(spec.classes), channels or spec.channels, image_size or spec.size
-        ensure_fits((len(xtr) + len(xte)) * max(c, xtr.shape[1]) * size * size, "cpu",
-                    f"{len(xtr) + len(xte)} {name} images at {size}x{size} px", "choose a smaller --image-size")
-        if xtr.shape[-1] != size or xtr.shape[-2] != size:  # antialiased bilinear, in chunks
+        n = len(xtr) + len(xte)
+        ensure_fits(n * max(c, xtr.shape[1]) * size * size, "cpu", f"{n} {name} images at {size}x{size} px",
+                    "choose a smaller --image-size")
+        if xtr.shape[-1] != size:  # antialiased bilinear, in chunks
             xtr, xte = (torch.cat([TF.resize(b, [size, size], antialias=True) for b in x.split(2048)])
                         for x in (xtr, xte))
         train, test = Split(_convert_channels(xtr, c), ytr), Split(_convert_channels(xte, c), yte)
@@ -553,14 +511,12 @@ def load_data(name, data_dir="data", *, image_size=None, channels=None, val_spli
         is_val = torch.zeros(len(train), dtype=torch.bool)
         is_val[_stratified(train.labels, k, _seed(seed, "val"))] = True
         val, train = _subset(train, is_val.nonzero()[:, 0]), _subset(train, (~is_val).nonzero()[:, 0])
-    if spec.mean is not None and c == spec.channels:
-        mean, std = spec.mean, spec.std
-    elif spec.mean is not None and spec.channels == 1:  # gray repeated: the same statistics
-        mean, std = spec.mean * c, spec.std * c
+    if spec.mean is not None and spec.channels in (1, c):  # gray repeated: the same statistics
+        mean, std = spec.mean * (c // spec.channels), spec.std * (c // spec.channels)
     elif train.images is not None:  # folder, synthetic, RGB -> gray: the training split's own
         mean, std = _stats(train.images)
     else:  # file-backed folder: estimated on up to 2000 training images spread over the split
-        idx = sorted(set(np.linspace(0, len(train) - 1, min(2000, len(train))).astype(int).tolist()))
+        idx = dict.fromkeys(np.linspace(0, len(train) - 1, min(2000, len(train))).astype(int).tolist())
         mean, std = _stats(_decode_all([train.files[i] for i in idx], train.reader))
     if limit_train and limit_train < len(train):
         train = _subset(train, _stratified(train.labels, limit_train, _seed(seed, "limit_train")))
@@ -569,34 +525,30 @@ def load_data(name, data_dir="data", *, image_size=None, channels=None, val_spli
     return Data(name, classes, c, size, tuple(mean), tuple(std), train, val, test)
 
 
-def _names(names, limit=12):
-    return f"[{', '.join(map(str, names[:limit]))}{f', ... ({len(names)} in all)' if len(names) > limit else ''}]"
-
-
 def match_classes(d, classes, source):
-    """`d` with its labels in the order of `classes` (a model's class list, from `source`, e.g. a
-    checkpoint path), and a note when they had to be reordered (None otherwise). The same names in
-    another order (a folder listed differently) are mapped by name; other names are a DataError
-    naming both lists: the model's outputs would be scored against the wrong classes."""
+    """`d` with its labels in the order of `classes` (a model's, from `source`) and a note when they
+    were reordered (else None): the same names in another order are mapped by name; other names are
+    a DataError naming both lists (the model's outputs would be scored against the wrong classes)."""
     classes, have = [str(c) for c in classes], [str(c) for c in d.classes]
     if have == classes:
         return d, None
     if sorted(have) != sorted(classes) or len(set(classes)) != len(classes):
-        diff = "; ".join(f"only in {w}: {_names(v, 5)}" for w, v in (("the data", [c for c in have if c not in classes]),
-                                                                     (source, [c for c in classes if c not in have])) if v)
-        raise DataError(f"class mismatch: {d.name} data has {len(have)} classes {_names(have)} but "
-                        f"{source} was trained on {len(classes)} {_names(classes)}" + (f" ({diff})" if diff else ""))
+        names = lambda v, k=12: f"[{', '.join(v[:k])}{f', ... ({len(v)} in all)' * (len(v) > k)}]"  # noqa
+        only = (("the data", [c for c in have if c not in classes]),
+                (source, [c for c in classes if c not in have]))
+        diff = "; ".join(f"only in {w}: {names(v, 5)}" for w, v in only if v)
+        raise DataError(f"class mismatch: {d.name} data has {len(have)} classes {names(have)} but {source} "
+                        f"was trained on {len(classes)} {names(classes)}" + (f" ({diff})" if diff else ""))
     order = torch.tensor([classes.index(c) for c in have])  # data label -> model label
-    relabel = lambda s: None if s is None else Split(s.images, order[s.labels], s.files, s.reader)  # noqa: E731
-    return (Data(d.name, classes, d.in_channels, d.image_size, d.mean, d.std, *map(relabel, (d.train, d.val, d.test))),
-            f"{d.name} data lists the classes of {source} in another order; labels mapped by class name to its order")
+    splits = [s and Split(s.images, order[s.labels], s.files, s.reader) for s in (d.train, d.val, d.test)]
+    return (Data(d.name, classes, d.in_channels, d.image_size, d.mean, d.std, *splits),
+            f"{d.name} data lists the classes of {source} in another order; labels mapped by class name")
 
 
 def checkpoint_data(ck, source, *, dataset=None, data_dir=None, download=False, **overrides):
-    """The data a checkpoint was trained and tested on, rebuilt from its recorded arguments
-    (dataset, data dir, val split, limits, seed; its image size and channels), labelled in the
-    order of its classes (match_classes; a note when reordered). `dataset` / `data_dir` override
-    the recorded ones, `overrides` any other load_data argument (e.g. limit_train=512)."""
+    """The data a checkpoint was trained and tested on, from its recorded arguments (dataset, data
+    dir, val split, limits, seed; image size, channels), labelled in the order of its classes
+    (match_classes). `dataset` / `data_dir` / `overrides` (load_data arguments) replace recorded ones."""
     a = ck["args"]
     name = dataset or a.get("dataset")
     if not name:
@@ -619,8 +571,8 @@ def checkpoint_data(ck, source, *, dataset=None, data_dir=None, download=False, 
 # ----------------------------------------------------------------------------- augmentation
 
 def crop_padding(size):
-    """The zero padding of the standard random crop."""
-    return max(4, round(size / 8))  # 4 px at 32 px (the CIFAR recipe), scaled with the image
+    """The zero padding of the standard random crop: 4 px at 32 px (the CIFAR recipe), scaled."""
+    return max(4, round(size / 8))
 
 
 def _crop_flip(x, dy, dx, flip, pad):
@@ -635,16 +587,13 @@ def _crop_flip(x, dy, dx, flip, pad):
     return xp.gather(2, src.expand(B, C, H * W)).view(B, C, H, W)
 
 
-def _gray(x):
-    return (0.2989 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]) if x.shape[1] == 3 else x
-
-
 def _strong(x, u):
     """The 'strong' preset, batched with per-sample parameters: random-resized-crop (area 35-100%,
     aspect 3/4-4/3), rotation up to 15 degrees and horizontal flip as one affine warp per image;
     then brightness, contrast, saturation jitter (factors 0.6-1.4) and sharpness 2 with p 0.5.
     x: uint8 B x C x H x W; u: B x 10 uniforms -> float B x C x H x W in [0, 255]."""
     B, C, H, W = x.shape
+    gray = lambda x: (0.2989 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]) if C == 3 else x  # noqa
     area = 0.35 + 0.65 * u[:, 0]
     ratio = torch.exp((2 * u[:, 1] - 1) * np.log(4 / 3))
     sw, sh = (area * ratio).sqrt().clamp(max=1), (area / ratio).sqrt().clamp(max=1)
@@ -657,10 +606,10 @@ def _strong(x, u):
     x = F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     f = (0.6 + 0.8 * u[:, 6:9])[:, :, None, None]  # B x 3 x 1 x 1
     x = (x * f[:, 0:1]).clamp_(0, 255)
-    m = _gray(x).mean((1, 2, 3), keepdim=True)
+    m = gray(x).mean((1, 2, 3), keepdim=True)
     x = ((x - m) * f[:, 1:2] + m).clamp_(0, 255)
     if C == 3:
-        g = _gray(x)
+        g = gray(x)
         x = ((x - g) * f[:, 2:3] + g).clamp_(0, 255)
     kernel = torch.tensor([[1, 1, 1], [1, 5, 1], [1, 1, 1]], dtype=x.dtype, device=x.device) / 13
     blur = x.clone()  # torchvision's sharpness: the smoothed image, borders kept
@@ -668,42 +617,39 @@ def _strong(x, u):
     return torch.where(u[:, 9, None, None, None] < 0.5, (blur + 2 * (x - blur)).clamp_(0, 255), x)
 
 
-def _policy(augment):
-    return {"autoaugment": lambda: v2.AutoAugment(v2.AutoAugmentPolicy.CIFAR10),
-            "randaugment": v2.RandAugment, "trivialaugment": v2.TrivialAugmentWide}[augment]()
-
-
 # ----------------------------------------------------------------------------- loaders
 
 class Loader:
     """Iterable of (x, y) batches on the device over `split`. In-memory splits take the tensor path,
-    file-backed ones the dataloader path (workers decode the files); both then gather, augment and
-    normalize each batch the same way on the device. train=True: shuffled, augmented, sharded by
-    rank, full batches only (a partial one when the shard is smaller than a batch). train=False:
-    sequential, everything. image_size: resize the batches to it (default: the split's size)."""
+    file-backed ones the dataloader path (workers decode the files); both then augment and normalize
+    each batch the same way on the device. train=True: shuffled, augmented, sharded by rank, full
+    batches only (a partial one when the shard is smaller than a batch). train=False: sequential,
+    everything. image_size: resize the batches to it (default: the split's size)."""
 
     def __init__(self, split, *, mean, std, batch_size, train, augment="none", cutout=0, device="cpu",
                  seed=0, channels_last=False, rank=0, world_size=1, workers=4, image_size=None):
-        self.device, self.train, self.batch_size = torch.device(device), train, batch_size
-        self.seed, self.rank, self.total, self.channels_last, self.epoch = seed, rank, len(split), channels_last, 0
+        self.device, self.train, self.batch_size, self.seed = torch.device(device), train, batch_size, seed
         self.augment, self.cutout = (augment or "none", cutout) if train else ("none", 0)
-        self.world_size = world_size if train else 1
-        per_rank = self.total // self.world_size
-        if per_rank == 0:
+        self.rank, self.world_size = rank, world_size if train else 1
+        self.channels_last, self.epoch = channels_last, 0
+        self.total, n = len(split), len(split) // self.world_size  # samples per rank
+        if n == 0:
             raise DataError(f"a split of {self.total} images cannot feed {world_size} processes")
-        self.num_samples = per_rank if not train or per_rank < batch_size else per_rank // batch_size * batch_size
+        self.num_samples = n if not train or n < batch_size else n - n % batch_size
         self.mean, self.std = (torch.tensor(v, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
                                for v in (mean, std))
-        self.policy = _policy(self.augment) if self.augment in AUGMENTS[3:] else None
+        policies = {"autoaugment": lambda: v2.AutoAugment(v2.AutoAugmentPolicy.CIFAR10),
+                    "randaugment": v2.RandAugment, "trivialaugment": v2.TrivialAugmentWide}
+        self.policy = policies[self.augment]() if self.augment in policies else None
         self.on_device = split.images is not None
         if self.on_device:  # tensor path: the whole split moves to the device once
             self.images, self.labels = split.images.to(self.device), split.labels.to(self.device)
-            self.size = self.images.shape[-1]
         else:  # dataloader path: the sampler is the epoch's order, set in __iter__
-            self.size, self._order = split.reader.size[-1], []
+            self._order = []
             self._dl = torch.utils.data.DataLoader(split, batch_size=batch_size, sampler=self._order,
                                                    num_workers=workers, pin_memory=self.device.type == "cuda",
                                                    persistent_workers=workers > 0)
+        self.size = split.images.shape[-1] if self.on_device else split.reader.size
         self.image_size = image_size or self.size
 
     def __len__(self):
@@ -723,13 +669,12 @@ class Loader:
         # b together are exactly global batch b of a single-process run with the same seed.
         order = perm[self.rank::self.world_size][:self.num_samples]
         g = torch.Generator().manual_seed(_seed(self.seed, epoch, "augment", self.rank))
-        n, p = self.num_samples, {}
-        if self.augment in ("standard",) + AUGMENTS[3:]:
-            pad = crop_padding(self.size)
+        n, p, pad = self.num_samples, {}, crop_padding(self.size)
+        if self.augment == "standard" or self.policy is not None:
             p["dy"] = torch.randint(0, 2 * pad + 1, (n,), generator=g)
             p["dx"] = torch.randint(0, 2 * pad + 1, (n,), generator=g)
             p["flip"] = torch.rand(n, generator=g) < 0.5
-            if self.augment != "standard":
+            if self.policy is not None:
                 p["policy"] = torch.randint(2 ** 62, (n,), generator=g)  # per chunk, on the CPU
         elif self.augment == "strong":
             p["u"] = torch.rand(n, 10, generator=g)
@@ -742,19 +687,17 @@ class Loader:
         order, p = self._draw(epoch)
         dev = {k: v.to(self.device, non_blocking=True) for k, v in p.items() if k != "policy"}
         if self.on_device:
-            order = order.to(self.device)
             batches = ((self.images.index_select(0, i), self.labels.index_select(0, i))
-                       for i in order.split(self.batch_size))
+                       for i in order.to(self.device).split(self.batch_size))
         else:
-            self._order[:] = order.tolist()
-            batches = self._dl
+            self._order[:], batches = order.tolist(), self._dl
         try:
             for b, (x, y) in enumerate(batches):
                 x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
                 s = slice(b * self.batch_size, b * self.batch_size + len(x))
                 if "dy" in dev:
                     x = _crop_flip(x, dev["dy"][s], dev["dx"][s], dev["flip"][s], crop_padding(self.size))
-                if self.policy is not None:
+                if "policy" in p:
                     # torchvision's policies draw one operation per call for the whole tensor, so they run
                     # per chunk of POLICY_CHUNK images (not per image), each chunk seeded from the plan
                     with torch.random.fork_rng(devices=[]):

@@ -360,7 +360,7 @@ def test_damaged_images_are_one_line_errors(tmp_path, name, blob):
     path = tmp_path / name
     path.write_bytes(blob)
     with pytest.raises(data.DataError) as e:
-        data._FileReader((8, 8), 3)(str(path))
+        data._FileReader(8, 3)(str(path))
     assert one_line(e.value) and str(path) in str(e.value)
     write_folder(tmp_path / "f", size=(8, 8))  # the same file inside a folder dataset
     (tmp_path / "f" / "train" / "dog" / name).write_bytes(blob)
@@ -372,10 +372,10 @@ def test_damaged_images_are_one_line_errors(tmp_path, name, blob):
 
 
 def test_valid_png_decodes_exactly(tmp_path):
-    a = np.random.default_rng(1).integers(0, 256, (6, 8, 3), dtype=np.uint8)
+    a = np.random.default_rng(1).integers(0, 256, (8, 8, 3), dtype=np.uint8)
     path = tmp_path / "ok.png"
-    path.write_bytes(_png(8, 6, b"".join(b"\0" + row.tobytes() for row in a)))  # filter 0: raw rows
-    assert torch.equal(data._FileReader((6, 8), 3)(str(path)), torch.from_numpy(a).permute(2, 0, 1))
+    path.write_bytes(_png(8, 8, b"".join(b"\0" + row.tobytes() for row in a)))  # filter 0: raw rows
+    assert torch.equal(data._FileReader(8, 3)(str(path)), torch.from_numpy(a).permute(2, 0, 1))
 
 
 # ----------------------------------------------------------------------------- memory
