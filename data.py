@@ -1,17 +1,13 @@
 """Datasets (the DATASETS registry), load-time preprocessing, augmentation and fast loaders.
 
-    python data.py --dataset cifar10                     # load (download if missing), print a summary
-    python bench.py --loader-only --dataset folder --data-dir /tmp/cifar10-jpeg   # vs the classic pipeline
+    python data.py --dataset cifar10          # load (download if missing), print a summary
 
-load_data() returns a Data of uint8 splits (N x C x H x W) in torchvision's on-disk layouts.
-make_loader() then picks one of two paths:
-  tensor path      the split sits on the training device as one uint8 tensor; each batch is
-                   gathered, augmented with per-sample random parameters in batched tensor ops
-                   and normalized there (no per-image Python, no host sync per batch).
-  dataloader path  folders too big for memory: worker processes decode the files of each batch,
-                   which is then augmented and normalized on the device as on the tensor path.
-All randomness of an epoch is a pure function of (seed, epoch, rank): set_epoch(e) replays it.
-Folder images are decoded by Pillow as predict.py decodes them: both see the same pixels.
+load_data() returns a Data of uint8 splits (N x C x H x W) read from torchvision's on-disk layouts
+or an image folder (decoded by Pillow as predict.py decodes it: both see the same pixels).
+make_loader() serves batches on the device: an in-memory split sits there as one uint8 tensor (the
+tensor path); a folder too big for memory is decoded by DataLoader workers (the dataloader path).
+Either way each batch is augmented with per-sample random parameters in batched tensor ops and
+normalized on the device. An epoch's randomness is a pure function of (seed, epoch, rank).
 """
 import argparse
 import gzip
@@ -570,8 +566,7 @@ def checkpoint_data(ck, source, *, dataset=None, data_dir=None, download=False, 
 
 # ----------------------------------------------------------------------------- augmentation
 
-def crop_padding(size):
-    """The zero padding of the standard random crop: 4 px at 32 px (the CIFAR recipe), scaled."""
+def crop_padding(size):  # the zero padding of the standard random crop: 4 px at 32 (CIFAR's), scaled
     return max(4, round(size / 8))
 
 
@@ -620,11 +615,9 @@ def _strong(x, u):
 # ----------------------------------------------------------------------------- loaders
 
 class Loader:
-    """Iterable of (x, y) batches on the device over `split`. In-memory splits take the tensor path,
-    file-backed ones the dataloader path (workers decode the files); both then augment and normalize
-    each batch the same way on the device. train=True: shuffled, augmented, sharded by rank, full
-    batches only (a partial one when the shard is smaller than a batch). train=False: sequential,
-    everything. image_size: resize the batches to it (default: the split's size)."""
+    """(x, y) batches on the device (see the module docstring). train=True: shuffled, augmented,
+    sharded by rank, full batches only (or one partial batch when the shard is smaller). train=False:
+    sequential, everything. image_size: resize the batches to it (default: the split's size)."""
 
     def __init__(self, split, *, mean, std, batch_size, train, augment="none", cutout=0, device="cpu",
                  seed=0, channels_last=False, rank=0, world_size=1, workers=4, image_size=None):
@@ -655,8 +648,7 @@ class Loader:
     def __len__(self):
         return -(-self.num_samples // self.batch_size)
 
-    def set_epoch(self, epoch):
-        """Make the next pass epoch `epoch` (without calls, passes count up from 0)."""
+    def set_epoch(self, epoch):  # the next pass is epoch `epoch` (without calls, passes count up from 0)
         self.epoch = epoch
 
     def _draw(self, epoch):
@@ -686,11 +678,13 @@ class Loader:
         epoch, self.epoch = self.epoch, self.epoch + 1
         order, p = self._draw(epoch)
         dev = {k: v.to(self.device, non_blocking=True) for k, v in p.items() if k != "policy"}
-        if self.on_device:
+        if not self.on_device:
+            self._order[:], batches = order.tolist(), self._dl
+        elif self.train:
             batches = ((self.images.index_select(0, i), self.labels.index_select(0, i))
                        for i in order.to(self.device).split(self.batch_size))
-        else:
-            self._order[:], batches = order.tolist(), self._dl
+        else:  # everything in order: views, no copies
+            batches = zip(self.images.split(self.batch_size), self.labels.split(self.batch_size))
         try:
             for b, (x, y) in enumerate(batches):
                 x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
