@@ -289,7 +289,7 @@ def _ensure_files(name, spec, root, download):
         with tempfile.TemporaryDirectory(prefix=".download-", dir=root, ignore_cleanup_errors=True) as tmp:
             for kwargs in spec.splits:
                 spec.torchvision(tmp, download=True, **kwargs)
-            for src in Path(tmp).rglob("*"):
+            for src in list(Path(tmp).rglob("*")):  # listed before anything moves
                 dst = Path(root) / src.relative_to(tmp)
                 if src.is_file() and not src.name.endswith((".tar.gz", ".tgz")) and not dst.exists():
                     dst.parent.mkdir(parents=True, exist_ok=True)
