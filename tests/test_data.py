@@ -2,6 +2,7 @@
 
     python -m pytest -q tests/test_data.py
 """
+import dataclasses
 import gzip
 import os
 import pickle
@@ -166,14 +167,28 @@ def test_cli_offline_download_fails_with_one_line(tmp_path):
     assert [f.name for f in empty.iterdir()] == []  # nothing half-downloaded left behind
 
 
+def test_download_moves_complete_files_into_place(tmp_path, monkeypatch):
+    """torchvision's class downloads into a temporary folder; only its unpacked files move into the
+    data dir (the archive and the temporary folder do not), and a file already there is kept."""
+    def fake_cifar10(root, download, train):  # what torchvision.datasets.CIFAR10 leaves behind
+        write_cifar(Path(root), "cifar10")
+        (Path(root) / "cifar-10-batches-py" / "readme.html").write_text("theirs")
+        (Path(root) / "cifar-10-python.tar.gz").write_bytes(b"archive")
+    spec = dataclasses.replace(data.DATASETS["cifar10"], torchvision=fake_cifar10)
+    monkeypatch.setitem(data.DATASETS, "cifar10", spec)
+    (tmp_path / "cifar-10-batches-py").mkdir()
+    (tmp_path / "cifar-10-batches-py" / "readme.html").write_text("mine")
+    d = data.load_data("cifar10", tmp_path)
+    assert len(d.train) == 50 and len(d.test) == 20
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cifar-10-batches-py"]
+    assert (tmp_path / "cifar-10-batches-py" / "readme.html").read_text() == "mine"
+
+
 def test_bad_arguments():
     with pytest.raises(data.DataError, match="unknown dataset"):
         data.load_data("imagenet9000")
     with pytest.raises(data.DataError, match="val_split"):
-        data.load_data("synthetic", val_split=1.5)
-    d = data.load_data("synthetic")
-    with pytest.raises(data.DataError, match="augment"):
-        data.make_loader(d.train, mean=d.mean, std=d.std, batch_size=8, train=True, augment="bogus")
+        data.load_data("synthetic", val_split=0.0001)  # 0 of 2560 images
 
 
 # ----------------------------------------------------------------------------- folders
@@ -302,10 +317,12 @@ def test_tensor_and_dataloader_paths_agree(tmp_path):
     disk = data.load_data("folder", tmp_path, in_memory=False)
     assert mem.train.images is not None and disk.train.images is None and len(disk.train.files) == 60
     assert disk.mean == mem.mean and (disk.in_channels, disk.image_size) == (3, 32)
-    for train in (False, True):
-        kw = dict(mean=mem.mean, std=mem.std, batch_size=16, train=train, augment="none", seed=5)
+    for train, augment in ((False, "none"), (True, "none"), (True, "standard"), (True, "strong"),
+                           (True, "autoaugment")):
+        kw = dict(mean=mem.mean, std=mem.std, batch_size=16, train=train, augment=augment, cutout=5 * train,
+                  seed=5)
         a, b = data.make_loader(mem.train, **kw), data.make_loader(disk.train, workers=0, **kw)
-        pa, pb = list(a), list(b)
+        pa, pb = list(a), list(b)  # the same augmentation, drawn the same way, on both paths
         assert len(pa) == len(pb) == len(a) and len(a) == (3 if train else 4)
         assert all(torch.equal(p[0], q[0]) and torch.equal(p[1], q[1]) for p, q in zip(pa, pb))
 
