@@ -24,6 +24,7 @@ from urllib.parse import urlparse
 import torch
 import torch.nn as nn
 
+import data
 from models import MODELS, InceptionAux, build_model
 from runtime import one_line, replacing
 
@@ -206,6 +207,29 @@ def model_from_checkpoint(ck, ema=False):
                         **ck["model_options"])
     load_weights(model, ck["ema"] if ema and ck.get("ema") else ck["model"], ck["model_name"])
     return model.eval()
+
+
+def checkpoint_data(ck, source, *, dataset=None, data_dir=None, download=False, **overrides):
+    """The data a checkpoint was trained and tested on, from its recorded arguments (dataset, data
+    dir, val split, limits, seed; image size, channels), labelled in the order of its classes
+    (data.match_classes). `dataset`, `data_dir` and `overrides` (load_data's) replace recorded ones."""
+    a = ck["args"]
+    name = dataset or a.get("dataset")
+    if not name:
+        raise data.DataError(f"{source} does not record its dataset; pass --dataset")
+    kw = dict(image_size=ck["image_size"], channels=ck["in_channels"], seed=a.get("seed") or 0,
+              val_split=a.get("val_split") or 0.0, limit_train=a.get("limit_train"),
+              limit_test=a.get("limit_test"), download=download)
+    d = data.load_data(name, data_dir or a.get("data_dir") or "data", **{**kw, **overrides})
+    if ck["classes"] is None:
+        if d.num_classes != ck["num_classes"]:
+            raise data.DataError(f"dataset {name} has {d.num_classes} classes but {source} was trained "
+                                 f"for {ck['num_classes']}")
+        return d
+    d, note = data.match_classes(d, ck["classes"], source)
+    if note:
+        print(f"note: {note}", file=sys.stderr)
+    return d
 
 
 def load_init(path):

@@ -1,6 +1,7 @@
 """Datasets (the DATASETS registry), load-time preprocessing, augmentation and fast loaders.
 
-    python data.py --dataset cifar10          # load (download if missing), print a summary
+    d = data.load_data("cifar10", "data")      # downloads what is missing, in torchvision's layout
+    loader = data.make_loader(d.train, mean=d.mean, std=d.std, batch_size=128, train=True, augment="standard")
 
 load_data() returns a Data of uint8 splits (N x C x H x W) read from torchvision's on-disk layouts
 or an image folder (decoded by Pillow as predict.py decodes it: both see the same pixels).
@@ -9,7 +10,6 @@ tensor path); a folder too big for memory is decoded by DataLoader workers (the 
 Either way each batch is augmented with per-sample random parameters in batched tensor ops and
 normalized on the device. An epoch's randomness is a pure function of (seed, epoch, rank).
 """
-import argparse
 import gzip
 import hashlib
 import importlib.util
@@ -34,7 +34,7 @@ import torchvision.transforms.v2 as v2
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
-from runtime import cpu_count, ensure_fits, one_line, replacing, run_cli
+from runtime import cpu_count, ensure_fits, one_line, replacing
 
 AUGMENTS = ("none", "standard", "strong", "autoaugment", "randaugment", "trivialaugment")
 IN_MEMORY_LIMIT = 4 << 30  # folders above this many uint8 bytes use the dataloader path
@@ -541,29 +541,6 @@ def match_classes(d, classes, source):
             f"{d.name} data lists the classes of {source} in another order; labels mapped by class name")
 
 
-def checkpoint_data(ck, source, *, dataset=None, data_dir=None, download=False, **overrides):
-    """The data a checkpoint was trained and tested on, from its recorded arguments (dataset, data
-    dir, val split, limits, seed; image size, channels), labelled in the order of its classes
-    (match_classes). `dataset` / `data_dir` / `overrides` (load_data arguments) replace recorded ones."""
-    a = ck["args"]
-    name = dataset or a.get("dataset")
-    if not name:
-        raise DataError(f"{source} does not record its dataset; pass --dataset")
-    kw = dict(image_size=ck["image_size"], channels=ck["in_channels"], val_split=a.get("val_split") or 0.0,
-              limit_train=a.get("limit_train"), limit_test=a.get("limit_test"), seed=a.get("seed") or 0,
-              download=download)
-    d = load_data(name, data_dir or a.get("data_dir") or "data", **{**kw, **overrides})
-    if ck["classes"] is None:
-        if d.num_classes != ck["num_classes"]:
-            raise DataError(f"dataset {name} has {d.num_classes} classes but {source} was trained for "
-                            f"{ck['num_classes']}")
-        return d
-    d, note = match_classes(d, ck["classes"], source)
-    if note:
-        print(f"note: {note}", file=sys.stderr)
-    return d
-
-
 # ----------------------------------------------------------------------------- augmentation
 
 def crop_padding(size):  # the zero padding of the standard random crop: 4 px at 32 (CIFAR's), scaled
@@ -719,27 +696,3 @@ class Loader:
 
 
 make_loader = Loader
-
-
-def get_args_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--dataset", choices=sorted(DATASETS), default="cifar10")
-    p.add_argument("--data-dir", default="data")
-    p.add_argument("--no-download", action="store_true", help="fail instead of downloading")
-    return p
-
-
-def main(args):
-    d = load_data(args.dataset, args.data_dir, download=not args.no_download)
-    print(f"{d.name}: {d.num_classes} classes, {d.in_channels}x{d.image_size}x{d.image_size}, "
-          f"{len(d.train)} train / {len(d.test)} test, mean {tuple(round(m, 4) for m in d.mean)} "
-          f"std {tuple(round(s, 4) for s in d.std)}")
-
-
-def cli(argv=None):
-    return run_cli(main, get_args_parser(), argv)
-
-
-if __name__ == "__main__":
-    sys.exit(cli())

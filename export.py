@@ -24,8 +24,8 @@ import torch
 import torch.nn as nn
 import onnxruntime as ort  # after torch: onnxruntime-gpu then finds the CUDA/cuDNN libraries torch loaded
 
-from data import checkpoint_data, make_loader
-from checkpoint import load_checkpoint, model_from_checkpoint
+from checkpoint import checkpoint_data, load_checkpoint, model_from_checkpoint
+from data import make_loader
 from runtime import (device_name, ensure_fits, forward_bytes, number, one_line, pick_device, replacing,
                      run_cli, synchronize, time_calls, write_text)
 

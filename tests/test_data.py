@@ -160,7 +160,7 @@ def test_corrupt_file(tmp_path):
 
 def test_cli_offline_download_fails_with_one_line(tmp_path):
     empty = tmp_path / "empty"
-    p = run_script("data.py", "--dataset", "cifar10", "--data-dir", empty, env=OFFLINE)
+    p = run_script("train.py", "--model", "lenet5", "--dataset", "cifar10", "--data-dir", empty, env=OFFLINE)
     assert p.returncode == 1, p.stderr
     assert "Traceback" not in p.stderr and one_line(p.stderr) and p.stderr.startswith("error: ")
     assert "download failed" in p.stderr and "cifar-10-batches-py/data_batch_1" in p.stderr
