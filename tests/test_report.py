@@ -1,4 +1,4 @@
-"""Reports over runs: evaluate.py's grouped comparison (seeds pooled as mean +- std, checked
+"""Reports over runs: compare.py's grouped comparison (seeds pooled as mean +- std, checked
 against numpy), the figures over runs (their plotted data checked against the runs' own
 numbers), and studies/report.py, which writes the README's study table from results/ (on
 fixture results here; the README itself is checked against the repo's results/)."""
@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from conftest import REPO
 
 import checkpoint
+import compare
 import evaluate as ev
 import train
 from data import load_data, make_loader
@@ -79,16 +80,17 @@ HIST = {  # hand-made per-epoch rows: test top-1, training loss, epoch seconds
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """Two seeds of lenet5, 6 steps each (the second without metrics.csv: its curves come from the
-    checkpoint's history) and one resnet20, evaluated together by evaluate.py's CLI main."""
+    checkpoint's history) and one resnet20, evaluated together by evaluate.py's CLI main (which
+    returns the runs it compared)."""
     root = tmp_path_factory.mktemp("report")
     ckpts = [make_run(root, "a-seed0", "lenet5", 0, HIST["a-seed0"], steps=6),
              make_run(root, "a-seed1", "lenet5", 1, HIST["a-seed1"], metrics_csv=False, steps=6),
              make_run(root, "b", "resnet20", 0, HIST["b"])]
     out = root / "out"
-    reports = ev.main(ev.get_args_parser().parse_args(
+    compared = ev.main(ev.get_args_parser().parse_args(
         [str(c) for c in ckpts] + ["--out", str(out), "--no-timing", "--device", "cpu", "--batch-size", "32"]))
     evals = {n: json.loads((out / n / "eval.json").read_text()) for n in HIST}
-    return root, out, reports, evals
+    return root, out, compared, evals
 
 
 def read_csv(path):
@@ -110,19 +112,19 @@ def test_group_rules():
             {"config": {**base, "seed": 4, "model_options": {"plain": True}}},  # 4: another model
             {"config": {}},                                   # 5: no recorded args
             {"config": {**base, "seed": 2}}]                  # 6 joins 0 and 1
-    got = [[runs.index(r) for r in g] for g in ev.group_runs(runs)]
+    got = [[runs.index(r) for r in g] for g in compare.group_runs(runs)]
     assert got == [[0, 1, 6], [2], [3], [4], [5]]
     same_seed = [{"config": {**base, "seed": 0}}, {"config": {**base, "seed": 0}}]  # best.pt + last.pt of one run
-    assert len(ev.group_runs(same_seed)) == 2
-    assert ev.group_label(["m-lr0.1-seed0/best.pt", "m-lr0.1-seed2/best.pt"], [0, 2]) == "m-lr0.1-seed{0,2}/best.pt"
-    assert ev.group_label(["x/best.pt", "y/best.pt"], [0, 1]) == "x/best.pt + y/best.pt"
-    m, s = ev.mean_std([0.1, 0.25, None, 0.4])
+    assert len(compare.group_runs(same_seed)) == 2
+    assert compare.group_label(["m-lr0.1-seed0/best.pt", "m-lr0.1-seed2/best.pt"], [0, 2]) == "m-lr0.1-seed{0,2}/best.pt"
+    assert compare.group_label(["x/best.pt", "y/best.pt"], [0, 1]) == "x/best.pt + y/best.pt"
+    m, s = compare.mean_std([0.1, 0.25, None, 0.4])
     assert (m, s) == (pytest.approx(np.mean([0.1, 0.25, 0.4])), pytest.approx(np.std([0.1, 0.25, 0.4], ddof=1)))
-    assert ev.mean_std([0.3]) == (0.3, None) and ev.mean_std([None]) == (None, None)
+    assert compare.mean_std([0.3]) == (0.3, None) and compare.mean_std([None]) == (None, None)
 
 
 def test_grouped_row_is_numpy_mean_and_std(runs):
-    root, out, reports, evals = runs
+    root, out, compared, evals = runs
     rows = read_csv(out / "comparison.csv")
     assert [r["run"] for r in rows] == ["a-seed{0,1}/best.pt", "b/best.pt"]
     assert [(r["n"], r["seeds"], r["model"]) for r in rows] == [("2", "0 1", "lenet5"), ("1", "0", "resnet20")]
@@ -154,9 +156,9 @@ def test_grouped_row_is_numpy_mean_and_std(runs):
 def test_curves_plot_the_group_means(runs):
     from matplotlib.image import imread
 
-    root, out, reports, evals = runs
-    groups = ev.summarize_groups(ev.load_runs(reports))
-    fig = ev.plot_runs_curves(groups)
+    root, out, compared, evals = runs
+    groups = compare.summarize_groups(compared)
+    fig = compare.plot_runs_curves(groups)
     top1_epoch, loss_epoch, top1_time, loss_time = fig.axes[:4]
     a = {k: np.array([[h[k] for h in HIST[n]] for n in ("a-seed0", "a-seed1")])
          for k in ("test_top1", "train_loss", "epoch_seconds")}
@@ -189,9 +191,9 @@ def test_curves_plot_the_group_means(runs):
 def test_tradeoff_plots_one_point_per_group(runs):
     from matplotlib.image import imread
 
-    root, out, reports, evals = runs
-    groups = ev.summarize_groups(ev.load_runs(reports))
-    fig = ev.plot_tradeoff(groups)
+    root, out, compared, evals = runs
+    groups = compare.summarize_groups(compared)
+    fig = compare.plot_tradeoff(groups)
     params, macs, latency = fig.axes[:3]
     top1 = [evals["a-seed0"]["top1"], evals["a-seed1"]["top1"]]
     # x is logarithmic past 20x: 62K vs 270K parameters stay linear, 0.2M vs 10M MACs do not
@@ -225,9 +227,9 @@ def test_twenty_runs_stay_readable(tmp_path):
                                     "params": 1e5 * 1.5 ** i, "macs": 1e7 * (i + 1), "latency_ms_batch1": 0.5 + i,
                                     "images_per_second": 1e3},
                          "history": history(top1, 2 - top1, [100.0] * 6)})
-    groups = ev.summarize_groups(runs)
+    groups = compare.summarize_groups(runs)
     assert len(groups) == 20 and [g["n"] for g in groups if g["n"] > 1] == [3, 3]
-    curves, tradeoff = ev.plot_runs_curves(groups, tmp_path / "c.png"), ev.plot_tradeoff(groups, tmp_path / "t.png")
+    curves, tradeoff = compare.plot_runs_curves(groups, tmp_path / "c.png"), compare.plot_tradeoff(groups, tmp_path / "t.png")
     for fig, axes in ((curves, curves.axes[:4]), (tradeoff, tradeoff.axes[:3])):
         FigureCanvasAgg(fig).draw()
         for ax in axes:
