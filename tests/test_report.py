@@ -1,7 +1,8 @@
 """Reports over runs: compare.py's grouped comparison (seeds pooled as mean +- std, checked
 against numpy), the figures over runs (their plotted data checked against the runs' own
-numbers), and studies/report.py, which writes the README's study table from results/ (on
-fixture results here; the README itself is checked against the repo's results/)."""
+numbers), result files of the wrong shape, and studies/report.py, which writes the README's
+study table from results/ (on fixture results here; the README itself is checked against the
+repo's results/)."""
 import csv
 import importlib.util
 import json
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import REPO
+from conftest import REPO, run_script
 
 import checkpoint
 import compare
@@ -407,6 +408,54 @@ def test_compare_rebuilds_a_study_table_from_run_folders(tmp_path):
         assert (study / name).stat().st_size > 10_000
     with pytest.raises(ValueError, match="needs 2"):
         report.compare(study / "b")
+
+
+GOOD_EVAL = {"checkpoint": "/elsewhere/best.pt", "model": "lenet5", "dataset": "mnist", "epoch": 2, "top1": 0.5,
+             "top5": 0.9, "loss": 1.0, "train_seconds": 10.0, "params": 1000, "macs": 5000,
+             "latency_ms_batch1": None, "images_per_second": None, "device": "CPU (2 threads)", "device_type": "cpu"}
+BAD_FILES = [  # (file, its text, what the one line says; False: the README table does not read the file)
+    ("eval.json", "[0.5]", "a JSON list, expected an object", True),
+    ("eval.json", "{not json", "Expecting property name", True),
+    ("eval.json", json.dumps({k: v for k, v in GOOD_EVAL.items() if k != "top1"}), "top1 is None", True),
+    ("eval.json", json.dumps({**GOOD_EVAL, "top1": float("nan")}), "top1 is nan", True),
+    ("eval.json", json.dumps({**GOOD_EVAL, "top1": "0.5"}), "top1 is '0.5'", True),
+    ("eval.json", json.dumps({**GOOD_EVAL, "top1": 55.0}), "expected a fraction in [0, 1]", True),
+    ("eval.json", json.dumps({**GOOD_EVAL, "params": "many"}), "params is 'many'", True),
+    ("eval.json", json.dumps({**GOOD_EVAL, "device": 3}), "device is 3", True),
+    ("metrics.csv", "epoch,test_top1\n1,0.5\n2,abc\n", "could not convert string to float: 'abc'", False),
+    ("metrics.csv", "epoch,test_top1\n1,0.5,0.7\n", "more cells than columns", False),
+    ("metrics.csv", "epoch,test_top1\ninf,0.5\n", "cannot convert float infinity", False),
+    ("config.json", "[1, 2]", "a JSON list, expected an object", True),
+]
+
+
+@pytest.mark.parametrize("name,text,words,in_readme", BAD_FILES, ids=[f"{c[0]} {c[2][:30]}" for c in BAD_FILES])
+def test_result_files_of_the_wrong_shape(tmp_path, name, text, words, in_readme):
+    """A run whose eval.json / metrics.csv / config.json has the wrong shape: report.py --compare
+    leaves it out with one warning line naming the file; the README table, which must not lose a
+    run, stops with one error line naming it. Never a traceback."""
+    study = tmp_path / "results" / "depth_vs_lr"
+    for seed in range(3):
+        d = study / f"mnist-resnet18-lr0.1-seed{seed}"
+        d.mkdir(parents=True)
+        (d / "eval.json").write_text(json.dumps({**GOOD_EVAL, "checkpoint": f"/elsewhere/{d.name}/best.pt"}))
+        (d / "config.json").write_text(json.dumps({"model": "resnet18", "lr": 0.1, "epochs": 2, "seed": seed}))
+        train.write_metrics(history([0.3, 0.5], [1.5, 1.0], [5.0, 5.0]), d / "metrics.csv")
+    bad = study / "mnist-resnet18-lr0.1-seed2" / name
+    bad.write_text(text)
+    r = run_script("studies/report.py", "--compare", study)
+    assert r.returncode == 0 and r.stderr.startswith(f"warning: {bad}: ") and words in r.stderr, r.stderr
+    assert len(r.stderr.splitlines()) == 1 and "seed2" not in (study / "comparison_runs.csv").read_text()
+    assert [row["n"] for row in read_csv(study / "comparison.csv")] == ["2"]  # the other two, pooled
+
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{report.BEGIN}\n{report.END}\n")
+    r = run_script("studies/report.py", "--results", study.parent, "--readme", readme, "--check")
+    if in_readme:
+        assert r.returncode == 1 and r.stderr.startswith(f"error: {bad}: ") and words in r.stderr, r.stderr
+        assert len(r.stderr.splitlines()) == 1
+    else:
+        assert r.returncode == 1 and "differs" in r.stderr  # the table is read, and only the block is stale
 
 
 def test_readme_table_is_what_results_holds():
