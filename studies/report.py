@@ -5,22 +5,17 @@
     python studies/report.py --check    # exit 1 when README.md's block is not what results/ says
     python studies/report.py --compare results/depth_vs_lr   # its comparison.* and figures again
 
---compare rebuilds a study folder's comparison.csv / .md, comparison_runs.*, curves.png and
-tradeoff.png with compare.py from its runs' eval.json, config.json and metrics.csv (the
-checkpoints are not in git): the study's last step again, nothing measured again; runs keep the
-order of the folder's comparison.csv, and a run whose files have the wrong shape is left out
-with a warning.
+--compare rebuilds a study folder's comparison.* and figures with compare.py from its runs'
+eval.json, config.json and metrics.csv (results/ keeps no checkpoints), in the order of its old
+comparison.csv; a run whose files have the wrong shape is left out with a warning.
 
-TABLE below lists each row's published figures (typed from the papers) and, in the same order,
-the run that stands for each figure: results/<study>/<run>/ or every results/<study>/<run>-seed<S>/.
-An "ours" value is the run's eval.json top-1 (or 100 - top-1 for error rows) in %, over seeds
-mean ± std (compare.mean_std: sample std, as comparison.csv holds), "(n=K)" when K > 1; a run
-listed in the study's diverged.txt counts as diverged; "–" where no run exists; "not yet run"
-when a row has none. The label says the budget the runs had: the hardware of their eval.json
-(on a CPU, torch's thread count: "1-thread CPU" under OMP_NUM_THREADS=1) and config.json's
-epochs. Runs pooled over seeds must be one configuration (compare.group_runs), and every file
-read must have the right shape, or this stops with one line saying why.
-tests/test_report.py checks that README.md holds this block and that its numbers are in results/.
+TABLE lists each row's published figures (from the papers) and, in the same order, the run behind
+each: results/<study>/<run>/ or every results/<study>/<run>-seed<S>/. "ours" is the eval.json
+top-1 (error rows: 100 - top-1) in %, over seeds mean ± std (compare.mean_std), "(n=K)" when K > 1;
+runs in the study's diverged.txt count as diverged; "–": no run; "not yet run": none in the row.
+The label gives the runs' budget: eval.json's hardware (a CPU's thread count: "1-thread CPU" under
+OMP_NUM_THREADS=1) and config.json's epochs. Seeds pooled must be one configuration
+(compare.group_runs) and every file read must have the right shape, or this stops with one line.
 """
 import argparse
 import csv
