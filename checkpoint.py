@@ -1,4 +1,5 @@
-"""The checkpoint format: one dict, made, written atomically, loaded and checked here only.
+"""Weights in and out: the checkpoint format (one dict, made, written atomically, loaded and checked
+here only), torchvision's ImageNet weights and transfer into our models, the run dir's lock.
 
     import checkpoint
     ck = checkpoint.load_checkpoint("runs/demo/best.pt")     # weights_only load + every field checked
@@ -15,12 +16,15 @@ import os
 import pickle
 import re
 import shutil
+import sys
 from numbers import Real
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
+import torch.nn as nn
 
-from models import MODELS, build_model
+from models import MODELS, InceptionAux, build_model
 from runtime import one_line, replacing
 
 FORMAT = "deeper-networks/1"
@@ -51,7 +55,7 @@ def _or_none(check):
 # the cross-field rules (classes and mean/std lengths) are in check_fields.
 SCHEMA = {
     "format": (lambda v: v == FORMAT, repr(FORMAT)),
-    "model_name": (lambda v: v in MODELS, "a model name of models.MODELS"),
+    "model_name": (lambda v: isinstance(v, str) and v in MODELS, "a model name of models.MODELS"),
     "model_options": (lambda v: isinstance(v, dict) and all(isinstance(k, str) for k in v), "a dict of options"),
     "num_classes": _int(1), "in_channels": _int(1), "image_size": _int(1),
     "model": (_state, "a state_dict (names -> tensors)"),
@@ -209,6 +213,189 @@ def load_init(path):
     if isinstance(ck, dict) and ck and all(isinstance(k, str) and torch.is_tensor(v) for k, v in ck.items()):
         return {re.sub(r"^(module\.|_orig_mod\.)+", "", k): v for k, v in ck.items()}, {"source": str(path)}
     raise CheckpointError(f"{path} is neither a deeper-networks checkpoint nor a state_dict (a dict of tensors)")
+
+
+# ----------------------------------------------------------------------------- weights from elsewhere: torchvision, transfer
+class WeightsError(ValueError):
+    """Pretrained weights that cannot be had or do not apply (one-line message)."""
+
+
+def pretrained_names():
+    """The models torchvision publishes ImageNet weights for, in registry order."""
+    import torchvision
+    published = set(torchvision.models.list_models(module=torchvision.models))
+    return [n for n in MODELS if n in published]
+
+
+def _torchvision_layout(name):
+    """The options under which our model is torchvision's architecture (and its weights fit)."""
+    if name.startswith("resnet"):
+        return {"stem": "imagenet", "plain": False}
+    if name == "googlenet":
+        return {"stem": "imagenet", "inception_kernel": 3, "residual": None}
+    if name == "alexnet":
+        return {"stem": "imagenet"}
+    return {"head": "paper"}  # vgg
+
+
+def pretrained_options(name, options):
+    """`options` completed with what torchvision's layout needs (ImageNet stem, VGG's paper head,
+    GoogLeNet's 3x3 kernel); WeightsError for a model without weights or an option against them."""
+    names = pretrained_names()
+    if name not in names:
+        raise WeightsError(f"{name} has no torchvision ImageNet weights; --pretrained works with: "
+                           f"{', '.join(names)}")
+    out = {k: v for k, v in options.items() if v is not None}
+    for k, need in _torchvision_layout(name).items():
+        given = out.get(k)
+        if given is None or given == "auto":
+            if need not in (None, False):
+                out[k] = need
+        elif given != need:
+            raise WeightsError(f"{name} with {k}={given!r} has no torchvision ImageNet weights (they "
+                               f"need {k}={need!r}); --pretrained works with: {', '.join(names)} in "
+                               "torchvision's layout (no plain twins, residual or 5x5 GoogLeNet, CIFAR stem)")
+    return out
+
+
+def pretrained_weights(name, weights="DEFAULT"):
+    """torchvision's weights enum member for `name`: 'DEFAULT', a member name such as
+    'IMAGENET1K_V1', or the full 'ResNet18_Weights.IMAGENET1K_V1'; WeightsError otherwise."""
+    import torchvision
+    pretrained_options(name, {})  # refuses models without weights
+    enum = torchvision.models.get_model_weights(name)
+    prefix, _, member = (weights or "DEFAULT").rpartition(".")
+    if prefix not in ("", enum.__name__) or member not in enum.__members__:
+        raise WeightsError(f"{name} has no weights {weights!r}; choose from: {', '.join(enum.__members__)}")
+    return enum[member]
+
+
+def torchvision_weights(name, weights="DEFAULT", image_size=None):
+    """(state_dict, init) of torchvision's published weights for `name`, through the torch hub
+    cache ($TORCH_HOME/hub/checkpoints, downloaded there when missing). init records where they
+    came from and the normalization they expect: {"source": "torchvision", "weights":
+    "ResNet18_Weights.IMAGENET1K_V1", "mean", "std", "image_size": the crop they were trained on}.
+    WeightsError (one line: the file and where to put it) when neither cached nor downloadable."""
+    w = pretrained_weights(name, weights)
+    min_size = w.meta["min_size"][0]
+    if image_size is not None and image_size < min_size:
+        raise WeightsError(f"{name}'s ImageNet layout needs images of at least {min_size} px (got "
+                           f"{image_size}): pass --image-size {w.transforms().crop_size[0]} (the size "
+                           f"the weights were trained at) or at least {min_size}")
+    hub = os.path.join(torch.hub.get_dir(), "checkpoints")
+    file = os.path.basename(urlparse(w.url).path)
+    path = os.path.join(hub, file)
+    try:  # no network needed when the file is cached; a download is checked against its hash
+        state = torch.hub.load_state_dict_from_url(w.url, model_dir=hub, map_location="cpu",
+                                                   progress=sys.stderr.isatty(), check_hash=True,
+                                                   weights_only=True)
+    except Exception as e:
+        reason = str(getattr(e, "reason", e)).strip()
+        reason = reason.splitlines()[0][:200] if reason else type(e).__name__
+        if os.path.exists(path):
+            raise WeightsError(f"cannot read {path} ({reason}); delete it to download it again") from None
+        raise WeightsError(f"{w} is not in the torch hub cache and could not be downloaded ({reason}): "
+                           f"put {file} (from {w.url}) at {path} ($TORCH_HOME/hub/checkpoints/{file})") from None
+    t = w.transforms()
+    mean, std = list(t.mean), list(t.std)
+    if name == "googlenet":
+        # torchvision turns on transform_input with these weights (ported from the paper's model):
+        # inside the model the ImageNet-normalized input becomes (x - 0.5) / 0.5, which is the same
+        # as normalizing with mean = std = 0.5 outside, so our GoogLeNet needs no extra layer.
+        mean, std = [0.5] * 3, [0.5] * 3
+    return state, {"source": "torchvision", "weights": str(w), "mean": mean, "std": std,
+                   "image_size": t.crop_size[0]}
+
+
+def for_channels(values, channels):
+    """Per-channel mean or std for `channels`: 1 channel gets the average of RGB's (the summed
+    first conv then sees a gray image as its RGB copy), 3 channels repeat a gray value."""
+    values = [float(v) for v in values]
+    if len(values) == channels:
+        return values
+    return [sum(values) / len(values)] if channels == 1 else values * channels
+
+
+def head_names(model):
+    """Module names of the classifier: the last conv/linear layer (every family registers its
+    classifier last) and GoogLeNet's auxiliary output layers."""
+    layers = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    return [layers[-1]] + [f"{n}.fc2" for n, m in model.named_modules() if isinstance(m, InceptionAux)]
+
+
+def _is_head(key, heads):
+    return any(key.startswith(h + ".") for h in heads)
+
+
+def _first_conv(model):
+    return next(n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)) + ".weight"
+
+
+def load_transfer(model, state_dict, new_head=True):
+    """Load what fits of `state_dict` into `model` and return one summary line. A 3-channel first
+    conv is summed over RGB for a 1-channel model (a gray image then gives the features of its
+    RGB copy). The head (head_names) stays newly initialised when new_head (ImageNet's 1000 classes
+    are not the dataset's) or when its shape differs; other shape mismatches and non-finite
+    tensors are skipped and named. WeightsError when nothing fits."""
+    own = model.state_dict()
+    state = dict(state_dict)
+    heads, notes = head_names(model), []
+    first = _first_conv(model)
+    w = state.get(first)
+    if (w is not None and w.ndim == 4 and own[first].shape[1] == 1 and w.shape[1] == 3
+            and w.shape[0] == own[first].shape[0] and w.shape[2:] == own[first].shape[2:]):
+        state[first] = w.sum(1, keepdim=True)
+        notes.append(f"{first} summed over RGB for 1 channel")
+    loaded, head, mismatched, unused, nonfinite = {}, [], [], [], []
+    for k, v in state.items():
+        if k not in own:
+            unused.append(k)
+        elif _is_head(k, heads) and (new_head or v.shape != own[k].shape):
+            head.append(k)
+        elif v.shape != own[k].shape:
+            mismatched.append(f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}")
+        elif v.is_floating_point() and not torch.isfinite(v).all():
+            nonfinite.append(k)
+        else:
+            loaded[k] = v
+    body = [k for k in own if not _is_head(k, heads)]
+    if not any(k in loaded for k in body):
+        raise WeightsError(f"none of the given weights fit this model ({len(state)} tensors, e.g. "
+                           f"{', '.join(list(state)[:3]) or 'none'})")
+    model.load_state_dict(loaded, strict=False)
+
+    def some(keys):
+        return ", ".join(keys[:3]) + (", ..." if len(keys) > 3 else "")
+    missing = [k for k in body if k not in state]  # absent from the weights (not skipped ones)
+    line = f"loaded {len(loaded)} of {len(own)} tensors"
+    line += f"; new head: {', '.join(heads)}" if any(k not in loaded for k in own if _is_head(k, heads)) else ""
+    for what, keys in (("left at init (not in the weights)", missing), ("shape mismatches", mismatched),
+                       ("non-finite", nonfinite), ("unused", unused)):
+        if keys:
+            line += f"; {len(keys)} {what}: {some(keys)}"
+    return line + "".join(f"; {n}" for n in notes)
+
+
+class _EvalBatchNorm2d(nn.BatchNorm2d):
+    """A BatchNorm2d that stays in eval mode (train() cannot switch it on): normalizes with its
+    running statistics and never updates them. Same parameters, buffers and state_dict keys."""
+
+    def train(self, mode=True):
+        return super().train(False)
+
+
+def freeze_backbone(model):
+    """Train only the head (head_names): every other parameter gets requires_grad=False, and every
+    BatchNorm outside the head stays in eval mode, so that the backbone's running statistics do not
+    move either (a linear probe on fixed features). Returns the names of the trainable parameters."""
+    heads = head_names(model)
+    for n, p in model.named_parameters():
+        p.requires_grad_(_is_head(n, heads))
+    for n, m in model.named_modules():
+        if type(m) is nn.BatchNorm2d and not _is_head(n + ".", heads):
+            m.__class__ = _EvalBatchNorm2d
+            m.eval()
+    return [n for n, p in model.named_parameters() if p.requires_grad]
 
 
 # ----------------------------------------------------------------------------- the run dir

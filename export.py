@@ -1,38 +1,21 @@
 """Export a checkpoint to ONNX and/or an AOTInductor package; check it against PyTorch; time it.
 
-    python export.py runs/demo/best.pt                          # -> runs/demo/best.onnx
-    python export.py runs/demo/best.pt --check --benchmark      # parity + latency table (+ .benchmark.json)
-    python export.py runs/demo/best.pt --format aoti            # -> best.pt2 + best.pt2.meta for cpp/classify
+    python export.py runs/demo/best.pt                        # -> runs/demo/best.onnx
+    python export.py runs/demo/best.pt --check --benchmark    # parity + latency table (+ .benchmark.json)
+    python export.py runs/demo/best.pt --format aoti          # -> best.pt2 + best.pt2.meta for cpp/classify
     python export.py best.pt --device cuda --benchmark --batch-sizes 1 256 --fp16   # on a GPU
-    python export.py runs/demo/best.pt --int8 --check --benchmark  # + best.int8.onnx, calibrated on 512 train images
+    python export.py runs/demo/best.pt --int8 --check         # + best.int8.onnx (512 training images)
 
-ONNX: torch.onnx.export(dynamo=True) (torch.export + onnxscript; the TorchScript exporter is
-deprecated) of the eval-mode model (GoogLeNet's aux heads are not in the graph), input "input"
-N x C x H x W float32, output "logits" N x num_classes, batch axis dynamic unless --static-batch
-(then N = 1). One self-contained file unless the weights pass 2 GB (then <name>.onnx.data beside
-it). model.metadata_props hold model_name, model_options, classes (JSON), mean, std, image_size,
-in_channels, num_classes. --fp16: float16 weights and math inside, float32 input/output (the casts
-are graph nodes), file <stem>.fp16.onnx. --int8: also <stem>.int8.onnx, static post-training
-quantization by onnxruntime (QDQ, per-channel int8 weights, uint8 activations) calibrated on
---calibration N training images of the checkpoint's dataset (never test images); same metadata,
-precision int8.
-
---check: onnxruntime (and the .pt2) vs PyTorch eager fp32 on random inputs and on real test
-images of the checkpoint's dataset when they are on disk; fails (exit 1) when max |diff| / max
-|logit| passes --tolerance. --benchmark: PyTorch eager, torch.compile (compile time apart) and
-onnxruntime with an explicit provider (TensorRT > CUDA > CPU; CUDA: exhaustive cuDNN search,
-I/O bound on the device, CUDA graphs), median/p90 latency and images/s as a table and JSON.
-With --int8, --check also gives fp32 and int8 top-1 on the test split and their agreement, and
---benchmark times the int8 model beside the others.
+ONNX: input "input" N x C x H x W float32, output "logits"; metadata_props hold classes, mean,
+std, image_size, in_channels and the model (docs/deploy.md). --int8: QDQ, calibrated on training
+images. --check: against PyTorch on random and real test images, exit 1 past --tolerance.
+--benchmark: eager, torch.compile, the .pt2, onnxruntime: a table and <stem>.benchmark.json.
 """
 import argparse
 import copy
 import ctypes
 import json
-import numbers
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -41,10 +24,10 @@ import torch
 import torch.nn as nn
 import onnxruntime as ort  # after torch: onnxruntime-gpu then finds the CUDA/cuDNN libraries torch loaded
 
-from data import load_data, make_loader, match_classes
+from data import checkpoint_data, make_loader
 from checkpoint import load_checkpoint, model_from_checkpoint
-from runtime import (device_name, ensure_fits, float_range, forward_bytes, int_range, out_of_memory_as_error,
-                     pick_device, run_cli, time_calls)
+from runtime import (device_name, ensure_fits, forward_bytes, number, one_line, pick_device, replacing,
+                     run_cli, synchronize, time_calls, write_text)
 
 AOTI_META_FORMAT = "deeper-networks-aoti/1"
 EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's 2 GB cap, with room for the graph itself
@@ -54,9 +37,7 @@ MIN_OPSET = 18  # torch.export's ONNX exporter starts here; its down-conversion 
 
 
 def max_opset():
-    """The highest opset the installed exporter writes: torch's ONNX_MAX_OPSET (a request above
-    it is down-converted to 18 with a traceback, or written at a version onnxruntime cannot
-    load), capped by the onnx package's own newest opset."""
+    """The newest opset the installed exporter writes (torch's ONNX_MAX_OPSET, capped by onnx's)."""
     import onnx
     try:
         from torch.onnx._constants import ONNX_MAX_OPSET as torch_max
@@ -78,46 +59,24 @@ class Float16(nn.Module):
 
 
 # --------------------------------------------------------------------------- metadata
-def model_info(ck):
-    """What a deployment needs to know besides the weights, from the checkpoint alone."""
-    n, c = ck["num_classes"], ck["in_channels"]
-    classes = ck.get("classes") or list(range(n))
-    mean, std = ck.get("mean"), ck.get("std")
-    reals = lambda v, low: isinstance(v, (list, tuple)) and len(v) == c and all(  # noqa: E731
-        isinstance(x, numbers.Real) and np.isfinite(x) and x > low for x in v)
-    if (not isinstance(classes, (list, tuple)) or len(classes) != n or not reals(mean, -np.inf)
-            or not reals(std, 0)):
-        raise ValueError(f"checkpoint lacks usable classes/mean/std (num_classes={n}, in_channels={c})")
-    classes = [str(x) for x in classes]
-    return {"model_name": ck["model_name"], "model_options": dict(ck["model_options"]), "num_classes": n,
-            "classes": classes, "mean": [float(m) for m in mean], "std": [float(s) for s in std],
-            "image_size": ck["image_size"], "in_channels": ck["in_channels"],
-            "dataset": _args(ck).get("dataset"), "epoch": ck.get("epoch")}
+def model_info(ck, path):
+    """What a deployment needs to know besides the weights (load_checkpoint checked the fields)."""
+    if ck["mean"] is None or ck["std"] is None:  # a weights-only checkpoint may lack them
+        raise ValueError(f"{path} records no mean/std: an export could not say how to normalize its input")
+    keys = ("model_name", "model_options", "num_classes", "mean", "std", "image_size", "in_channels", "epoch")
+    return {**{k: ck[k] for k in keys}, "classes": ck["classes"] or list(map(str, range(ck["num_classes"]))),
+            "dataset": ck["args"].get("dataset")}
 
 
-def _args(ck):
-    """The checkpoint's recorded training arguments ({} when absent or not a dict)."""
-    return ck["args"] if isinstance(ck.get("args"), dict) else {}
-
-
-def onnx_metadata(info, fp16):
-    """onnx metadata_props are str -> str: lists and dicts as JSON."""
-    props = {k: v if isinstance(v, str) else json.dumps(v) for k, v in info.items() if v is not None}
-    return {**props, "input_name": "input", "output_name": "logits", "precision": "fp16" if fp16 else "fp32",
-            "layout": "NCHW, float32, normalized: (pixel / 255 - mean) / std"}
-
-
-def write_aoti_meta(path, info, device, dynamic_batch):
+def aoti_meta(info, device, dynamic_batch):
     """`key value` lines (no JSON parser needed in C++); one `class` line per class, in order."""
-    one_line = lambda s: " ".join(str(s).split())  # class names must not break the line format
     lines = ["# export.py sidecar for cpp/classify: `key value` per line, `class` lines in class order",
              f"format {AOTI_META_FORMAT}", f"model_name {info['model_name']}",
              f"model_options {json.dumps(info['model_options'])}", f"num_classes {info['num_classes']}",
              f"image_size {info['image_size']}", f"in_channels {info['in_channels']}",
-             "mean " + " ".join(repr(m) for m in info["mean"]), "std " + " ".join(repr(s) for s in info["std"]),
+             "mean " + " ".join(map(repr, info["mean"])), "std " + " ".join(map(repr, info["std"])),
              f"device {device.type}", f"dynamic_batch {int(dynamic_batch)}"]
-    lines += [f"class {one_line(c)}" for c in info["classes"]]
-    Path(path).write_text("\n".join(lines) + "\n")
+    return "\n".join(lines + [f"class {one_line(c)}" for c in info["classes"]]) + "\n"
 
 
 # --------------------------------------------------------------------------- export
@@ -136,15 +95,18 @@ def export_onnx(model, info, path, *, opset=18, dynamic_batch=True, fp16=False):
     written = program.model.opset_imports.get("", program.model.opset_imports.get("ai.onnx"))
     if written != opset:  # the exporter falls back to its own opset when it cannot convert
         raise ValueError(f"--opset {opset}: the exporter wrote opset {written} instead; nothing written")
-    program.model.metadata_props.update(onnx_metadata(info, fp16))
+    meta = {**info, "input_name": "input", "output_name": "logits", "precision": "fp16" if fp16 else "fp32",
+            "layout": "NCHW, float32, normalized: (pixel / 255 - mean) / std"}
+    program.model.metadata_props.update(  # str -> str: lists and dicts as JSON
+        {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items() if v is not None})
     path = Path(path)
-    weight_bytes = sum(t.numel() * t.element_size() for t in module.state_dict().values())
-    if weight_bytes > EXTERNAL_DATA_BYTES:
-        program.save(path, external_data=True)  # protobuf cannot hold it: <name>.onnx.data beside it
+    if sum(t.numel() * t.element_size() for t in module.state_dict().values()) > EXTERNAL_DATA_BYTES:
+        # Written in place: the .onnx names its <name>.onnx.data file, so a temp name renamed
+        # afterwards would point at a data file that is not there.
+        program.save(path, external_data=True)
         return path.with_name(path.name + ".data")
-    tmp = path.with_name(f".{path.name}.tmp")  # write then rename: no half-written file on failure
-    program.save(tmp, external_data=False)
-    os.replace(tmp, path)
+    with replacing(path) as tmp:
+        program.save(tmp, external_data=False)
     return None
 
 
@@ -154,12 +116,9 @@ def export_aoti(model, info, path, *, device, dynamic_batch=True, fp16=False):
     x = example_input(info, 2 if dynamic_batch else 1, device)
     dynamic_shapes = ({0: torch.export.Dim("batch", min=1, max=4096)},) if dynamic_batch else None
     program = torch.export.export(module, (x,), dynamic_shapes=dynamic_shapes)
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp.pt2")  # the packager wants a .pt2 name
-    torch._inductor.aoti_compile_and_package(program, package_path=str(tmp))
-    os.replace(tmp, path)
-    write_aoti_meta(f"{path}.meta", info, device, dynamic_batch)
-    return path
+    with replacing(path) as tmp:  # tmp keeps the .pt2 suffix the packager wants
+        torch._inductor.aoti_compile_and_package(program, package_path=str(tmp))
+    write_text(f"{path}.meta", aoti_meta(info, device, dynamic_batch))
 
 
 # --------------------------------------------------------------------------- onnxruntime
@@ -196,12 +155,10 @@ def ort_session(path, provider, *, threads=None, batch_shape=None, exact=False):
 
 def pick_provider(name, device):
     """auto: on a GPU TensorRT when its library loads, else CUDA; CPU otherwise."""
-    if name != "auto":
-        if name != "cpu" and device.type != "cuda":
-            raise ValueError(f"--provider {name} needs a CUDA device (--device cuda)")
-        return name
-    if device.type != "cuda":
-        return "cpu"
+    if name not in ("auto", "cpu") and device.type != "cuda":
+        raise ValueError(f"--provider {name} needs a CUDA device (--device cuda)")
+    if name != "auto" or device.type != "cuda":
+        return "cpu" if name == "auto" else name
     try:
         ctypes.CDLL("libnvinfer.so.10")  # onnxruntime-gpu lists TensorRT even where TensorRT is not installed
     except OSError:
@@ -223,37 +180,35 @@ class OrtRunner:
         x = x.contiguous()
         key = (tuple(x.shape), x.data_ptr())
         if key != self.key:  # CUDA graphs replay fixed addresses: bind once per buffer
-            self.out = torch.empty(x.shape[0], self.sess.get_outputs()[0].shape[1], device=x.device)
+            out = self.out = torch.empty(x.shape[0], self.sess.get_outputs()[0].shape[1], device=x.device)
             self.binding, dev = self.sess.io_binding(), x.device.index or 0
             self.binding.bind_input("input", "cuda", dev, np.float32, list(x.shape), x.data_ptr())
-            self.binding.bind_output("logits", "cuda", dev, np.float32, list(self.out.shape), self.out.data_ptr())
+            self.binding.bind_output("logits", "cuda", dev, np.float32, list(out.shape), out.data_ptr())
             self.key = key
         self.sess.run_with_iobinding(self.binding)
         return self.out
 
 
-# --------------------------------------------------------------------------- check
-def real_images(ck, args, n):
-    """Up to n normalized test images of the checkpoint's dataset, or None (and one line) if absent."""
-    a = _args(ck)
-    name = a.get("dataset")
-    data_dir = args.data_dir or a.get("data_dir") or "data"
-    if not name:
-        print("note: the checkpoint does not record its dataset; checking on random inputs only")
-        return None
+# --------------------------------------------------------------------------- data and checks
+def load_data_of(ck, args, **limits):
+    """(the checkpoint's data, None) or (None, why it is not there). Data of other classes is
+    refused (ValueError), as evaluate.py refuses it: outputs would be scored against wrong labels."""
+    if not ck["args"].get("dataset"):
+        return None, f"{args.checkpoint} does not record its dataset"
     try:
-        data = load_data(name, data_dir, image_size=ck["image_size"], channels=ck["in_channels"],
-                         limit_test=n, seed=a.get("seed") or 0, download=False)
+        return checkpoint_data(ck, args.checkpoint, data_dir=args.data_dir, **limits), None
     except (ValueError, OSError) as e:
-        print(f"note: no {name} test images ({str(e).splitlines()[0]}); checking on random inputs only")
-        return None
-    # The same rule as evaluate.py: images of other classes are refused (one line naming both lists).
-    data, note = match_classes(data, model_info(ck)["classes"], args.checkpoint)
-    if note:
-        print(f"note: {note}")
-    loader = make_loader(data.test, mean=ck["mean"], std=ck["std"], batch_size=n, train=False, workers=0,
-                         image_size=ck["image_size"])
-    return next(iter(loader))[0].cpu()
+        if "was trained" in str(e):  # checkpoint_data's class mismatch: the data is there, but another
+            raise
+        return None, one_line(e, 200)
+
+
+def normalized_batches(split, ck, batch_size):
+    """float32 numpy batches (x, labels) of a split, normalized exactly as training normalizes."""
+    loader = make_loader(split, mean=ck["mean"], std=ck["std"], batch_size=batch_size, train=False,
+                         workers=0, image_size=ck["image_size"])
+    for x, y in loader:
+        yield x.cpu().numpy(), y.cpu().numpy()
 
 
 def check(runners, model, ck, args, device, real=None):
@@ -285,51 +240,26 @@ def check(runners, model, ck, args, device, real=None):
 
 
 # --------------------------------------------------------------------------- int8
-CALIBRATION_BATCH = 64
-
-
 def int8_data(ck, args):
-    """The checkpoint's dataset with up to --calibration training images (a stratified sample, as
-    --limit-train picks it) and the test split evaluate.py uses. ValueError (one line) when the
-    training images are not on disk: int8 ranges from anything else would be a guess."""
-    a = ck.get("args") or {}
-    name = a.get("dataset")
-    hint = "or pass --random-calibration to calibrate on random inputs (lower int8 accuracy)"
-    if not name:
-        raise ValueError(f"--int8: the checkpoint does not record its dataset, so there are no training images to "
-                         f"calibrate on; {hint}")
-    data_dir = args.data_dir or a.get("data_dir") or "data"
-    try:
-        data = load_data(name, data_dir, image_size=ck["image_size"], channels=ck["in_channels"],
-                         val_split=a.get("val_split") or 0.0, limit_train=args.calibration,
-                         limit_test=a.get("limit_test"), seed=a.get("seed") or 0, download=False)
-    except (ValueError, OSError) as e:
-        raise ValueError(f"--int8: no {name} training images to calibrate on ({str(e).splitlines()[0]}); "
-                         f"point --data-dir at them, {hint}") from None
-    # Other classes are another dataset (refused, one line); the same ones listed in another order
-    # are mapped, so that the int8 check scores the model's outputs against the right labels.
-    data, note = match_classes(data, model_info(ck)["classes"], args.checkpoint)
-    if note:
-        print(f"note: {note}")
+    """The checkpoint's data with --calibration training images (a stratified sample); ValueError
+    when they are not on disk: int8 ranges from anything else would be a guess."""
+    data, why = load_data_of(ck, args, limit_train=args.calibration)
+    if data is None:
+        raise ValueError(f"--int8: no {ck['args'].get('dataset') or 'recorded'} training images to "
+                         f"calibrate on ({why}); point --data-dir at them, or pass --random-calibration "
+                         "to calibrate on random inputs (lower int8 accuracy)")
     return data
-
-
-def normalized_batches(split, ck, batch_size):
-    """float32 numpy batches (x, labels) of a split, normalized exactly as training normalizes."""
-    loader = make_loader(split, mean=ck["mean"], std=ck["std"], batch_size=batch_size, train=False, workers=0,
-                         image_size=ck["image_size"])
-    for x, y in loader:
-        yield x.cpu().numpy(), y.cpu().numpy()
 
 
 def calibration_batches(ck, args, data):
     """(list of float32 N x C x H x W batches, description for the metadata)."""
+    size = 64 if args.dynamic_batch else 1  # a static-batch export takes one image at a time
     if data is None:  # --random-calibration
         c, s, n = ck["in_channels"], ck["image_size"], args.calibration
         x = np.random.default_rng(0).standard_normal((n, c, s, s), dtype=np.float32)
-        return list(np.split(x, range(CALIBRATION_BATCH, n, CALIBRATION_BATCH))), \
+        return list(np.split(x, range(size, n, size))), \
             f"RANDOM: {n} standard normal inputs, not data (--random-calibration)"
-    batches = [x for x, _ in normalized_batches(data.train, ck, CALIBRATION_BATCH)]
+    batches = [x for x, _ in normalized_batches(data.train, ck, size)]
     n = sum(len(x) for x in batches)
     if n < args.calibration:
         print(f"note: {data.name} has {n} training images; calibrating on all of them")
@@ -337,132 +267,99 @@ def calibration_batches(ck, args, data):
 
 
 def quantize_int8(onnx_path, int8_path, batches, calibration):
-    """Static post-training quantization of the fp32 ONNX file with onnxruntime: its pre-processing
-    (symbolic shape inference, graph optimization) first, then QDQ nodes around every Conv/Gemm with
-    per-channel int8 weights and uint8 activations, activation ranges (min/max) from `batches`.
-    uint8 activations x int8 weights is the pair x86 CPUs run fastest (VPMADDUBSW / AVX-512 VNNI);
-    int8 x int8 ran slower than fp32 on the development CPU. The fp32 file's metadata is carried
-    over with precision int8 and the calibration data named."""
+    """onnxruntime's static quantization: pre-processing, then QDQ with per-channel int8 weights and
+    uint8 activations (the pair x86 CPUs run fastest: VPMADDUBSW / VNNI), min/max ranges from
+    `batches`. The fp32 file's metadata is carried over, with precision int8 and the calibration."""
     import onnx
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.batches = iter(batches)
+        feeds = iter([{"input": x} for x in batches])
 
         def get_next(self):
-            x = next(self.batches, None)
-            return None if x is None else {"input": x}
+            return next(self.feeds, None)
 
-    int8_path = Path(int8_path)
-    with tempfile.TemporaryDirectory(prefix=".int8-", dir=int8_path.parent) as tmp:
-        pre, out = Path(tmp) / "pre.onnx", Path(tmp) / "int8.onnx"
-        quant_pre_process(str(onnx_path), str(pre))
-        quantize_static(pre, out, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+    props = {p.key: p.value for p in onnx.load(str(onnx_path), load_external_data=False).metadata_props}
+    with replacing(int8_path) as tmp:  # pre-processed into tmp, then quantized in place
+        quant_pre_process(str(onnx_path), str(tmp))
+        quantize_static(tmp, tmp, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
-        model = onnx.load(str(out))
-        props = {p.key: p.value for p in onnx.load(str(onnx_path), load_external_data=False).metadata_props}
-        props.update(precision="int8", calibration=calibration)
-        del model.metadata_props[:]
-        for key, value in props.items():
-            entry = model.metadata_props.add()
-            entry.key, entry.value = key, value
-        onnx.save(model, str(out))
-        os.replace(out, int8_path)  # same folder: atomic, no half-written file on failure
-    return int8_path
+        model = onnx.load(str(tmp))
+        onnx.helper.set_model_props(model, {**props, "precision": "int8", "calibration": calibration})
+        onnx.save(model, str(tmp))
+    return Path(int8_path)
 
 
 def check_int8(onnx_path, int8_path, ck, args, data, provider, threads):
-    """fp32 and int8 ONNX side by side: top-1 of each on the test split and how often they agree
-    (random inputs, agreement only, when no test images are on disk). ValueError when int8 loses
-    more than --int8-max-drop points of top-1."""
+    """fp32 and int8 top-1 on the test split and their agreement (on random inputs agreement only);
+    ValueError when int8 loses more than --int8-max-drop points."""
     fp32 = ort_session(onnx_path, provider, threads=threads, exact=True)
     int8 = ort_session(int8_path, provider, threads=threads)
-    run = lambda sess, x: sess.run(["logits"], {"input": x})[0].argmax(1)
-    if data is None:
-        try:
-            data = int8_data(ck, args)
-        except ValueError:
-            pass
+    step = 256 if args.dynamic_batch else 1  # a static-batch export takes one image at a time
+    run = lambda sess, x: np.concatenate([sess.run(["logits"], {"input": x[i:i + step]})[0].argmax(1)  # noqa
+                                          for i in range(0, len(x), step)])
+    if data is None:  # --random-calibration: the test split may still be there
+        data = load_data_of(ck, args)[0]
     if data is None or not len(data.test):
-        x = np.random.default_rng(0).standard_normal((64, ck["in_channels"], ck["image_size"], ck["image_size"]),
-                                                     dtype=np.float32)
-        agree = (run(fp32, x) == run(int8, x)).mean()
-        print("note: no test images for the int8 check; random inputs only")
-        print(f"check int8 random (64 inputs): top-1 agreement with fp32 {agree:.2%}")
+        c, s = ck["in_channels"], ck["image_size"]
+        x = np.random.default_rng(0).standard_normal((64, c, s, s), dtype=np.float32)
+        print("note: no test images for the int8 check; random inputs only\ncheck int8 random (64 inputs): "
+              f"top-1 agreement with fp32 {(run(fp32, x) == run(int8, x)).mean():.2%}")
         return
-    n = agree = right32 = right8 = 0
-    batch = 1 if not args.dynamic_batch else 256
-    for x, y in normalized_batches(data.test, ck, batch):
-        p32, p8 = run(fp32, x), run(int8, x)
-        n, agree = n + len(y), agree + (p32 == p8).sum()
-        right32, right8 = right32 + (p32 == y).sum(), right8 + (p8 == y).sum()
-    top32, top8 = right32 / n, right8 / n
+    p32, p8, y = map(np.concatenate, zip(*[(run(fp32, x), run(int8, x), y)
+                                          for x, y in normalized_batches(data.test, ck, 256)]))
+    top32, top8 = (p32 == y).mean(), (p8 == y).mean()
     drop = 100 * (top32 - top8)
     ok = drop <= args.int8_max_drop
-    print(f"check int8 on {n} {data.name} test images: top-1 fp32 {top32:.2%}, int8 {top8:.2%} "
-          f"({100 * (top8 - top32):+.2f} points), agreement {agree / n:.2%}  {'ok' if ok else 'FAIL'}")
+    print(f"check int8 on {len(y)} {data.name} test images: top-1 fp32 {top32:.2%}, int8 {top8:.2%} "
+          f"({100 * (top8 - top32):+.2f} points), agreement {(p32 == p8).mean():.2%}  "
+          f"{'ok' if ok else 'FAIL'}")
     if not ok:
         raise ValueError(f"check failed: int8 top-1 {top8:.2%} is {drop:.2f} points below fp32 {top32:.2%} "
                          f"(--int8-max-drop {args.int8_max_drop:g})")
 
 
 # --------------------------------------------------------------------------- benchmark
-def build_and_run_once(make, x, sync):
-    """(runner, seconds to build it and run it once): compile, session creation, engine build."""
-    t = time.perf_counter()
-    runner = make()
-    runner(x)
-    sync()
-    return runner, round(time.perf_counter() - t, 2)
-
-
 def benchmark(model, info, onnx_path, aoti_path, args, device, provider, threads, rounds=5, int8_path=None):
     """Rows of {runtime, batch, median_ms, p90_ms, images_per_second, setup_s}. The runtimes take
-    turns, `rounds` times, so that load from elsewhere on the machine slows them alike. int8_path:
-    the quantized model too, as `onnxruntime <provider> int8`."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    turns, `rounds` times, so that load from elsewhere on the machine slows them alike."""
     module = (Float16(model) if args.fp16 else copy.deepcopy(model)).to(device)
-    ort_name = f"onnxruntime {provider}"
+    onnx_files = {f"onnxruntime {provider}": onnx_path, f"onnxruntime {provider} int8": int8_path}
     rows = []
     for batch in args.batch_sizes:
         x = example_input(info, batch, device)
         runners, setup = {"pytorch eager": module}, {}
+
+        def build(name, make):  # setup_s: compile, session creation, engine build, and a first run
+            t = time.perf_counter()
+            runners[name] = make()
+            runners[name](x)
+            synchronize(device)
+            setup[name] = round(time.perf_counter() - t, 2)
         with torch.inference_mode():
             if args.compile:
                 torch._dynamo.reset()  # each batch size compiled from scratch: its own compile time
-                runners["torch.compile"], setup["torch.compile"] = build_and_run_once(
-                    lambda: torch.compile(module, dynamic=False), x, sync)
+                build("torch.compile", lambda: torch.compile(module, dynamic=False))
             if aoti_path is not None:
-                runners["aotinductor"], setup["aotinductor"] = build_and_run_once(
-                    lambda: torch._inductor.aoti_load_package(str(aoti_path)), x, sync)
+                build("aotinductor", lambda: torch._inductor.aoti_load_package(str(aoti_path)))
             # On the GPU one session per shape: CUDA graphs and TensorRT profiles want fixed shapes.
             fixed = tuple(x.shape) if provider != "cpu" else None
-            make = lambda shape: OrtRunner(ort_session(onnx_path, provider, threads=threads, batch_shape=shape))
-            try:
-                runners[ort_name], setup[ort_name] = build_and_run_once(lambda: make(fixed), x, sync)
-            except Exception as e:  # e.g. shape nodes placed on the CPU, which CUDA graph capture refuses
-                if fixed is None:
-                    raise
-                print(f"note: {provider} with CUDA graphs failed ({str(e).splitlines()[0][:150]}); timing without")
-                runners[ort_name], setup[ort_name] = build_and_run_once(lambda: make(None), x, sync)
-            if int8_path is not None:
-                make8 = lambda shape: OrtRunner(ort_session(int8_path, provider, threads=threads, batch_shape=shape))
+            for name, path in onnx_files.items():
+                make = lambda shape: lambda: OrtRunner(  # noqa: E731
+                    ort_session(path, provider, threads=threads, batch_shape=shape))
                 try:
-                    runners[f"{ort_name} int8"], setup[f"{ort_name} int8"] = build_and_run_once(
-                        lambda: make8(fixed), x, sync)
-                except Exception as e:
+                    if path is not None:
+                        build(name, make(fixed))
+                except Exception as e:  # e.g. shape nodes placed on the CPU, which CUDA graph capture refuses
                     if fixed is None:
                         raise
-                    print(f"note: int8 on {provider} with CUDA graphs failed ({str(e).splitlines()[0][:150]}); "
-                          "timing without")
-                    runners[f"{ort_name} int8"], setup[f"{ort_name} int8"] = build_and_run_once(
-                        lambda: make8(None), x, sync)
-            times = {name: [] for name in runners}
-            for name, fn in runners.items():
+                    print(f"note: {name} with CUDA graphs failed ({one_line(e, 150)}); timing without")
+                    build(name, make(None))
+            for fn in runners.values():
                 for _ in range(args.warmup):
                     fn(x)
+            times = {name: [] for name in runners}
             for r in range(rounds):  # the repeats, split over the rounds
                 n = args.repeats // rounds + (r < args.repeats % rounds)
                 for name, fn in runners.items():
@@ -475,62 +372,49 @@ def benchmark(model, info, onnx_path, aoti_path, args, device, provider, threads
     return rows
 
 
-def print_table(rows):
-    print("| runtime | batch | median ms | p90 ms | images/s | setup s |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for r in rows:
-        setup = "" if r["setup_s"] is None else r["setup_s"]
-        print(f"| {r['runtime']} | {r['batch']} | {r['median_ms']:.3f} | {r['p90_ms']:.3f} | "
-              f"{r['images_per_second']:,.0f} | {setup} |")
-
-
 # --------------------------------------------------------------------------- main
 def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__.split("\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", metavar="CKPT")
-    p.add_argument("--format", default="onnx", choices=("onnx", "aoti", "all"))
-    p.add_argument("--out", default=None, help="output file (default: beside CKPT, <stem>.onnx / <stem>.pt2; "
-                   "with --format all the suffix is replaced per format)")
-    p.add_argument("--opset", type=int_range(MIN_OPSET, max_opset()), default=18,
-                   help=f"ONNX opset, {MIN_OPSET}..{max_opset()} (the installed exporter's range; "
-                   "18 runs on onnxruntime >= 1.14, TensorRT >= 8.6)")
+    a = p.add_argument
+    a("checkpoint", metavar="CKPT")
+    a("--format", default="onnx", choices=("onnx", "aoti", "all"))
+    a("--out", help="output file (default: beside CKPT, <stem>.onnx / .pt2; --format all: per format)")
+    a("--opset", type=number(int, MIN_OPSET, max_opset()), default=18,
+      help="ONNX opset in the installed exporter's range (18 runs on onnxruntime >= 1.14, TensorRT >= 8.6)")
     batch = p.add_mutually_exclusive_group()
-    batch.add_argument("--dynamic-batch", action="store_true", default=True, help="dynamic batch axis (default)")
-    batch.add_argument("--static-batch", dest="dynamic_batch", action="store_false", help="batch axis fixed to 1")
-    p.add_argument("--fp16", action="store_true", help="float16 model with float32 input/output")
-    p.add_argument("--int8", action="store_true", help="also <stem>.int8.onnx: static int8 quantization (QDQ, "
-                   "per-channel weights) calibrated on training images of the checkpoint's dataset")
-    p.add_argument("--calibration", type=int_range(1), default=512, metavar="N",
-                   help="training images that calibrate --int8 (a stratified sample; never test images)")
-    p.add_argument("--random-calibration", action="store_true",
-                   help="--int8 without the training data: calibrate on random inputs (marked as such in the "
-                        "output and the metadata; expect lower accuracy)")
-    p.add_argument("--int8-max-drop", type=float_range(0, 100), default=1.0, metavar="POINTS",
-                   help="--check fails when int8 top-1 is more than this many points below fp32")
-    p.add_argument("--ema", action="store_true", help="export the EMA weights when the checkpoint has them")
-    p.add_argument("--check", action="store_true", help="compare outputs with PyTorch (exit 1 past --tolerance)")
-    p.add_argument("--tolerance", type=float_range(0, lo_open=True), default=None,
-                   help="max |diff| / max |logit| allowed by --check (default 1e-4, 3e-2 with --fp16)")
-    p.add_argument("--data-dir", default=None, help="dataset folder for --check (default: the checkpoint's)")
-    p.add_argument("--benchmark", action="store_true", help="time eager / torch.compile / onnxruntime")
-    p.add_argument("--provider", default="auto", choices=("auto", *PROVIDERS),
-                   help="onnxruntime provider (auto: TensorRT, else CUDA on a GPU; CPU otherwise)")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"),
-                   help="auto: cuda, then mps (Apple silicon), then cpu")
-    p.add_argument("--batch-sizes", type=int_range(1), nargs="+", default=[1, 256])
-    p.add_argument("--threads", type=int_range(1), default=None, help="CPU threads for torch and onnxruntime "
-                   "alike (default: torch's default, the physical cores)")
-    p.add_argument("--warmup", type=int_range(0), default=10, help="untimed calls per runtime and batch size")
-    p.add_argument("--repeats", type=int_range(1), default=50, help="timed calls per runtime and batch size")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
-                   help="include torch.compile in --benchmark (--no-compile skips it; compiling takes a while)")
+    batch.add_argument("--dynamic-batch", action="store_true", default=True, help="dynamic batch (default)")
+    batch.add_argument("--static-batch", dest="dynamic_batch", action="store_false", help="batch fixed to 1")
+    a("--fp16", action="store_true", help="float16 model with float32 input/output")
+    a("--int8", action="store_true", help="also <stem>.int8.onnx: static int8 quantization (QDQ, per-channel "
+      "weights) calibrated on training images of the checkpoint's dataset")
+    a("--calibration", type=number(int, 1), default=512, metavar="N",
+      help="training images that calibrate --int8 (a stratified sample; never test images)")
+    a("--random-calibration", action="store_true", help="--int8 without the training data: calibrate on "
+      "random inputs (marked as such in the output and the metadata; expect lower accuracy)")
+    a("--int8-max-drop", type=number(float, 0, 100), default=1.0, metavar="POINTS",
+      help="--check fails when int8 top-1 is more than this many points below fp32")
+    a("--ema", action="store_true", help="export the EMA weights when the checkpoint has them")
+    a("--check", action="store_true", help="compare outputs with PyTorch (exit 1 past --tolerance)")
+    a("--tolerance", type=number(float, 0, lo_open=True),
+      help="max |diff| / max |logit| allowed by --check (default 1e-4, 3e-2 with --fp16)")
+    a("--data-dir", help="dataset folder for --check and --int8 (default: the checkpoint's)")
+    a("--benchmark", action="store_true", help="time eager / torch.compile / onnxruntime")
+    a("--provider", default="auto", choices=("auto", *PROVIDERS),
+      help="onnxruntime provider (auto: TensorRT, else CUDA on a GPU; CPU otherwise)")
+    a("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"), help="auto: cuda, mps, cpu")
+    a("--batch-sizes", type=number(int, 1), nargs="+", default=[1, 256])
+    a("--threads", type=number(int, 1), help="CPU threads of torch and onnxruntime (default: torch's)")
+    a("--warmup", type=number(int, 0), default=10, help="untimed calls per runtime and batch size")
+    a("--repeats", type=number(int, 1), default=50, help="timed calls per runtime and batch size")
+    a("--compile", action=argparse.BooleanOptionalAction, default=True,
+      help="time torch.compile in --benchmark (--no-compile skips it: compiling takes a while)")
     return p
 
 
 def output_paths(args):
     ckpt = Path(args.checkpoint)
-    base = Path(args.out) if args.out else ckpt.with_name(ckpt.stem + (".fp16" if args.fp16 else "") + ".onnx")
+    base = Path(args.out or ckpt.with_name(ckpt.stem + (".fp16" if args.fp16 else "") + ".onnx"))
     formats = ["onnx", "aoti"] if args.format == "all" else [args.format]
     if args.out and args.format != "all":
         return {formats[0]: base}
@@ -538,15 +422,8 @@ def output_paths(args):
 
 
 def main(args):
-    with out_of_memory_as_error("the model or a batch is too large for this device; use smaller --batch-sizes"):
-        _main(args)
-
-
-def _main(args):
-    if any(b < 1 for b in args.batch_sizes) or args.repeats < 1 or args.warmup < 0:
-        raise ValueError("--batch-sizes and --repeats must be positive, --warmup non-negative")
     if args.benchmark and args.format == "aoti":
-        raise ValueError("--benchmark times the ONNX model (and the .pt2 beside it): use --format onnx or all")
+        raise ValueError("--benchmark times the ONNX model (and the .pt2 beside it): use --format onnx/all")
     if args.benchmark and not args.dynamic_batch and args.batch_sizes != [1]:
         print("note: --static-batch exports batch 1; benchmarking batch 1 only")
         args.batch_sizes = [1]
@@ -554,31 +431,26 @@ def _main(args):
         raise ValueError("--int8 quantizes the fp32 ONNX export: drop --fp16 and use --format onnx or all")
     if args.random_calibration and not args.int8:
         raise ValueError("--random-calibration calibrates --int8: add --int8")
-    if not MIN_OPSET <= args.opset <= max_opset():
-        raise ValueError(f"--opset {args.opset}: the installed exporter writes opsets {MIN_OPSET}..{max_opset()}")
-    if args.threads is not None and args.threads < 1 or args.tolerance is not None and not args.tolerance > 0:
-        raise ValueError("--threads must be >= 1 and --tolerance > 0")
     device = pick_device(args.device)
     ck = load_checkpoint(args.checkpoint)
-    if args.ema and not ck.get("ema"):
+    if args.ema and not ck["ema"]:
         raise ValueError(f"--ema: {args.checkpoint} has no EMA weights")
     model = model_from_checkpoint(ck, ema=args.ema)  # eval mode, CPU
-    info = model_info(ck)
+    info = model_info(ck, args.checkpoint)
     shape = (info["in_channels"], info["image_size"], info["image_size"])
     per_image, size = forward_bytes(model, shape), "x".join(map(str, shape))
     ensure_fits(per_image * 64, "cpu", f"the check and export inputs (up to 64 {size} images)",
                 "the checkpoint's image_size is too large here")
     if args.benchmark:
         b = max(args.batch_sizes)
-        ensure_fits(per_image * b, device, f"a benchmark batch of {b} {size} images", "use smaller --batch-sizes")
-    run(args, ck, model, info, device)
-
-
-def run(args, ck, model, info, device):
-    """Export, check and benchmark, as main() set them up."""
-    paths = output_paths(args)
-    # Before anything is written: refuse --int8 when there is nothing to calibrate on.
+        ensure_fits(per_image * b, device, f"a benchmark batch of {b} {size} images", "lower --batch-sizes")
+    # Before anything is written: --int8 with nothing to calibrate on, and data of other classes, fail.
     data8 = int8_data(ck, args) if args.int8 and not args.random_calibration else None
+    test, why = load_data_of(ck, args, limit_test=64) if args.check else (None, None)
+    if why:
+        print(f"note: no test images ({why}); checking on random inputs only")
+    real = torch.from_numpy(next(normalized_batches(test.test, ck, 64))[0]) if test else None
+    paths = output_paths(args)
     for p in paths.values():
         p.parent.mkdir(parents=True, exist_ok=True)
     provider = pick_provider(args.provider, device)
@@ -586,28 +458,25 @@ def run(args, ck, model, info, device):
     if device.type == "cpu":
         torch.set_num_threads(threads)  # the same count as onnxruntime's intra-op pool
     batch_note = "dynamic batch" if args.dynamic_batch else "batch 1"
-    real = real_images(ck, args, 64) if args.check else None  # before exporting: a wrong folder fails fast
-    onnx_path = paths.get("onnx")
+    onnx_path, aoti_path, int8_path = paths.get("onnx"), paths.get("aoti"), None
     if onnx_path:
         t = time.perf_counter()
         external = export_onnx(model, info, onnx_path, opset=args.opset, dynamic_batch=args.dynamic_batch,
                                fp16=args.fp16)
-        where = f" (weights > 2 GB: in {external})" if external else " (self-contained)"
-        print(f"wrote {onnx_path}{where}: {info['model_name']}, opset {args.opset}, {batch_note}, "
+        print(f"wrote {onnx_path} ({f'weights > 2 GB: in {external}' if external else 'self-contained'}): "
+              f"{info['model_name']}, opset {args.opset}, {batch_note}, "
               f"{'fp16' if args.fp16 else 'fp32'}, {time.perf_counter() - t:.1f} s")
-    int8_path = None
     if args.int8:
         if external:
             raise ValueError("--int8: models with weights over 2 GB are not supported")
         t = time.perf_counter()
         batches, calibration = calibration_batches(ck, args, data8)
         if args.random_calibration:
-            print("WARNING: int8 calibrated on RANDOM inputs, not data (--random-calibration): activation ranges "
-                  "are a guess and accuracy will suffer; the metadata says so")
-        int8_path = quantize_int8(onnx_path, onnx_path.with_name(onnx_path.stem + ".int8.onnx"), batches, calibration)
+            print("WARNING: int8 calibrated on RANDOM inputs, not data (--random-calibration): activation "
+                  "ranges are a guess and accuracy will suffer; the metadata says so")
+        int8_path = quantize_int8(onnx_path, onnx_path.with_suffix(".int8.onnx"), batches, calibration)
         print(f"wrote {int8_path}: int8 (QDQ, per-channel int8 weights, uint8 activations), calibration: "
               f"{calibration}, {time.perf_counter() - t:.1f} s")
-    aoti_path = paths.get("aoti")
     if aoti_path:
         t = time.perf_counter()
         export_aoti(model, info, aoti_path, device=device, dynamic_batch=args.dynamic_batch, fp16=args.fp16)
@@ -624,23 +493,27 @@ def run(args, ck, model, info, device):
         if int8_path:
             check_int8(onnx_path, int8_path, ck, args, data8, provider, threads)
     if args.benchmark:
-        rows = benchmark(model, info, onnx_path, aoti_path, args, device, provider, threads, int8_path=int8_path)
-        print_table(rows)
+        rows = benchmark(model, info, onnx_path, aoti_path, args, device, provider, threads,
+                         int8_path=int8_path)
+        print("| runtime | batch | median ms | p90 ms | images/s | setup s |\n|---|---:|---:|---:|---:|---:|")
+        for r in rows:
+            print(f"| {r['runtime']} | {r['batch']} | {r['median_ms']:.3f} | {r['p90_ms']:.3f} | "
+                  f"{r['images_per_second']:,.0f} | {'' if r['setup_s'] is None else r['setup_s']} |")
         report = {"checkpoint": str(args.checkpoint), "onnx": str(onnx_path), "model": info["model_name"],
-                  "input_shape": [info["in_channels"], info["image_size"], info["image_size"]],
-                  "precision": "fp16" if args.fp16 else "fp32", "device": device_name(device),
-                  "torch": torch.__version__, "onnxruntime": ort.__version__, "provider": provider,
-                  "intra_op_threads": threads if device.type == "cpu" else None,
+                  "input_shape": list(shape), "precision": "fp16" if args.fp16 else "fp32",
+                  "device": device_name(device), "torch": torch.__version__, "onnxruntime": ort.__version__,
+                  "provider": provider, "intra_op_threads": threads if device.type == "cpu" else None,
                   "warmup": args.warmup, "repeats": args.repeats, "results": rows}
         if int8_path:
             report.update(int8_onnx=str(int8_path), int8_calibration=calibration)
         json_path = onnx_path.with_suffix(".benchmark.json")
-        json_path.write_text(json.dumps(report, indent=2) + "\n")
+        write_text(json_path, json.dumps(report, indent=2) + "\n")
         print(f"wrote {json_path}")
 
 
 def cli(argv=None):
-    return run_cli(main, get_args_parser(), argv)
+    return run_cli(main, get_args_parser(), argv,
+                   oom_hint="the model or a batch is too large for this device; use smaller --batch-sizes")
 
 
 if __name__ == "__main__":

@@ -3,37 +3,19 @@
     python models.py                                   # params + MACs of every model at 3x32x32
     python models.py resnet50 vgg16 --image-size 224 --num-classes 1000
 
-    lenet5                      LeCun et al. 1998, with ReLU and max-pooling
-    alexnet                     Krizhevsky et al. 2012, torchvision's single-tower layout
-    nin                         Lin et al. 2013, Network in Network (mlpconv, global average pooling)
-    vgg11 13 16 19 (+ _bn)      Simonyan & Zisserman 2014, configurations A B D E
-    googlenet                   Szegedy et al. 2014, Inception v1 with BatchNorm (as torchvision)
-    resnet18 34 50 101 152      He et al. 2015, ImageNet ResNets (torchvision v1.5 Bottleneck)
-    resnet20 32 44 56 110 1202  He et al. 2015, CIFAR ResNets (6n+2 layers, option A shortcuts)
-
-build_model(name, num_classes, in_channels, image_size, **options); options valued None count as
-not given, an option the family does not take is a ValueError. model_options(name) lists them:
-    stem        'auto' | 'cifar' | 'imagenet'   alexnet, nin, googlenet, resnets; auto: the CIFAR
-                                                stem up to 64 px, the ImageNet stem above
-    dropout     float                           alexnet, nin, vgg, googlenet
-    head        'auto' | 'compact' | 'paper'    vgg: auto = compact up to 64 px, the paper's above
-    aux_logits, inception_kernel (5 | 3), residual (None | 'identity' | 'projection')   googlenet
-    plain, zero_init_residual                                                           resnets
-
-Parameter names are torchvision's, so its ImageNet weights load as they are (README, "Fine-tune an
-ImageNet model"): pretrained_names / pretrained_options / torchvision_weights (through the torch
-hub cache), load_transfer (new head, 1-channel first conv), freeze_backbone.
-
-Why one file of ~830 lines (over the ~650 this repo aims for): seven families side by side,
-60-150 lines each, one registry and one build_model(); torchvision's weight mapping sits beside
-the classes whose parameter names it depends on. A reader compares VGG with its plain and
-residual successors on one page.
+lenet5 (LeCun 1998, ReLU + max-pool), alexnet (Krizhevsky 2012, torchvision's single tower), nin
+(Lin 2013), vgg11/13/16/19 (+ _bn; Simonyan & Zisserman 2014, A B D E), googlenet (Szegedy 2014,
+with BatchNorm as torchvision), resnet18/34/50/101/152 (He 2015, torchvision v1.5 bottleneck) and
+resnet20/32/44/56/110/1202 (He 2015, CIFAR 6n+2, option A shortcuts). build_model(name,
+num_classes, in_channels, image_size, **options): options valued None count as not given, one the
+family does not take is a ValueError (model_options(name) lists them: stem, dropout, head,
+aux_logits, inception_kernel, residual, plain, zero_init_residual). Parameter names are
+torchvision's, so its ImageNet weights load as they are (checkpoint.torchvision_weights and
+load_transfer: README, "Fine-tune an ImageNet model").
 """
 import argparse
-import os
 import sys
 from functools import partial
-from urllib.parse import urlparse
 
 import torch
 import torch.nn as nn
@@ -531,190 +513,7 @@ def count_macs(model, input_shape):
     return counter.get_total_flops() // 2
 
 
-# --------------------------------------------------------------------------- weights: torchvision, transfer
-class WeightsError(ValueError):
-    """Pretrained weights that cannot be had or do not apply (one-line message)."""
-
-
-def pretrained_names():
-    """The models torchvision publishes ImageNet weights for, in registry order."""
-    import torchvision
-    published = set(torchvision.models.list_models(module=torchvision.models))
-    return [n for n in MODELS if n in published]
-
-
-def _torchvision_layout(name):
-    """The options under which our model is torchvision's architecture (and its weights fit)."""
-    if name.startswith("resnet"):
-        return {"stem": "imagenet", "plain": False}
-    if name == "googlenet":
-        return {"stem": "imagenet", "inception_kernel": 3, "residual": None}
-    if name == "alexnet":
-        return {"stem": "imagenet"}
-    return {"head": "paper"}  # vgg
-
-
-def pretrained_options(name, options):
-    """`options` completed with what torchvision's layout needs (ImageNet stem, VGG's paper head,
-    GoogLeNet's 3x3 kernel); WeightsError for a model without weights or an option against them."""
-    names = pretrained_names()
-    if name not in names:
-        raise WeightsError(f"{name} has no torchvision ImageNet weights; --pretrained works with: "
-                           f"{', '.join(names)}")
-    out = {k: v for k, v in options.items() if v is not None}
-    for k, need in _torchvision_layout(name).items():
-        given = out.get(k)
-        if given is None or given == "auto":
-            if need not in (None, False):
-                out[k] = need
-        elif given != need:
-            raise WeightsError(f"{name} with {k}={given!r} has no torchvision ImageNet weights (they "
-                               f"need {k}={need!r}); --pretrained works with: {', '.join(names)} in "
-                               "torchvision's layout (no plain twins, residual or 5x5 GoogLeNet, CIFAR stem)")
-    return out
-
-
-def pretrained_weights(name, weights="DEFAULT"):
-    """torchvision's weights enum member for `name`: 'DEFAULT', a member name such as
-    'IMAGENET1K_V1', or the full 'ResNet18_Weights.IMAGENET1K_V1'; WeightsError otherwise."""
-    import torchvision
-    pretrained_options(name, {})  # refuses models without weights
-    enum = torchvision.models.get_model_weights(name)
-    prefix, _, member = (weights or "DEFAULT").rpartition(".")
-    if prefix not in ("", enum.__name__) or member not in enum.__members__:
-        raise WeightsError(f"{name} has no weights {weights!r}; choose from: {', '.join(enum.__members__)}")
-    return enum[member]
-
-
-def torchvision_weights(name, weights="DEFAULT", image_size=None):
-    """(state_dict, init) of torchvision's published weights for `name`, through the torch hub
-    cache ($TORCH_HOME/hub/checkpoints, downloaded there when missing). init records where they
-    came from and the normalization they expect: {"source": "torchvision", "weights":
-    "ResNet18_Weights.IMAGENET1K_V1", "mean", "std", "image_size": the crop they were trained on}.
-    WeightsError (one line: the file and where to put it) when neither cached nor downloadable."""
-    w = pretrained_weights(name, weights)
-    min_size = w.meta["min_size"][0]
-    if image_size is not None and image_size < min_size:
-        raise WeightsError(f"{name}'s ImageNet layout needs images of at least {min_size} px (got "
-                           f"{image_size}): pass --image-size {w.transforms().crop_size[0]} (the size "
-                           f"the weights were trained at) or at least {min_size}")
-    hub = os.path.join(torch.hub.get_dir(), "checkpoints")
-    file = os.path.basename(urlparse(w.url).path)
-    path = os.path.join(hub, file)
-    try:  # no network needed when the file is cached; a download is checked against its hash
-        state = torch.hub.load_state_dict_from_url(w.url, model_dir=hub, map_location="cpu",
-                                                   progress=sys.stderr.isatty(), check_hash=True,
-                                                   weights_only=True)
-    except Exception as e:
-        reason = str(getattr(e, "reason", e)).strip()
-        reason = reason.splitlines()[0][:200] if reason else type(e).__name__
-        if os.path.exists(path):
-            raise WeightsError(f"cannot read {path} ({reason}); delete it to download it again") from None
-        raise WeightsError(f"{w} is not in the torch hub cache and could not be downloaded ({reason}): "
-                           f"put {file} (from {w.url}) at {path} ($TORCH_HOME/hub/checkpoints/{file})") from None
-    t = w.transforms()
-    mean, std = list(t.mean), list(t.std)
-    if name == "googlenet":
-        # torchvision turns on transform_input with these weights (ported from the paper's model):
-        # inside the model the ImageNet-normalized input becomes (x - 0.5) / 0.5, which is the same
-        # as normalizing with mean = std = 0.5 outside, so our GoogLeNet needs no extra layer.
-        mean, std = [0.5] * 3, [0.5] * 3
-    return state, {"source": "torchvision", "weights": str(w), "mean": mean, "std": std,
-                   "image_size": t.crop_size[0]}
-
-
-def for_channels(values, channels):
-    """Per-channel mean or std for `channels`: 1 channel gets the average of RGB's (the summed
-    first conv then sees a gray image as its RGB copy), 3 channels repeat a gray value."""
-    values = [float(v) for v in values]
-    if len(values) == channels:
-        return values
-    return [sum(values) / len(values)] if channels == 1 else values * channels
-
-
-def head_names(model):
-    """Module names of the classifier: the last conv/linear layer (every family registers its
-    classifier last) and GoogLeNet's auxiliary output layers."""
-    layers = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
-    return [layers[-1]] + [f"{n}.fc2" for n, m in model.named_modules() if isinstance(m, InceptionAux)]
-
-
-def _is_head(key, heads):
-    return any(key.startswith(h + ".") for h in heads)
-
-
-def _first_conv(model):
-    return next(n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)) + ".weight"
-
-
-def load_transfer(model, state_dict, new_head=True):
-    """Load what fits of `state_dict` into `model` and return one summary line. A 3-channel first
-    conv is summed over RGB for a 1-channel model (a gray image then gives the features of its
-    RGB copy). The head (head_names) stays newly initialised when new_head (ImageNet's 1000 classes
-    are not the dataset's) or when its shape differs; other shape mismatches and non-finite
-    tensors are skipped and named. WeightsError when nothing fits."""
-    own = model.state_dict()
-    state = dict(state_dict)
-    heads, notes = head_names(model), []
-    first = _first_conv(model)
-    w = state.get(first)
-    if (w is not None and w.ndim == 4 and own[first].shape[1] == 1 and w.shape[1] == 3
-            and w.shape[0] == own[first].shape[0] and w.shape[2:] == own[first].shape[2:]):
-        state[first] = w.sum(1, keepdim=True)
-        notes.append(f"{first} summed over RGB for 1 channel")
-    loaded, head, mismatched, unused, nonfinite = {}, [], [], [], []
-    for k, v in state.items():
-        if k not in own:
-            unused.append(k)
-        elif _is_head(k, heads) and (new_head or v.shape != own[k].shape):
-            head.append(k)
-        elif v.shape != own[k].shape:
-            mismatched.append(f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}")
-        elif v.is_floating_point() and not torch.isfinite(v).all():
-            nonfinite.append(k)
-        else:
-            loaded[k] = v
-    body = [k for k in own if not _is_head(k, heads)]
-    if not any(k in loaded for k in body):
-        raise WeightsError(f"none of the given weights fit this model ({len(state)} tensors, e.g. "
-                           f"{', '.join(list(state)[:3]) or 'none'})")
-    model.load_state_dict(loaded, strict=False)
-
-    def some(keys):
-        return ", ".join(keys[:3]) + (", ..." if len(keys) > 3 else "")
-    missing = [k for k in body if k not in state]  # absent from the weights (not skipped ones)
-    line = f"loaded {len(loaded)} of {len(own)} tensors"
-    line += f"; new head: {', '.join(heads)}" if any(k not in loaded for k in own if _is_head(k, heads)) else ""
-    for what, keys in (("left at init (not in the weights)", missing), ("shape mismatches", mismatched),
-                       ("non-finite", nonfinite), ("unused", unused)):
-        if keys:
-            line += f"; {len(keys)} {what}: {some(keys)}"
-    return line + "".join(f"; {n}" for n in notes)
-
-
-class _EvalBatchNorm2d(nn.BatchNorm2d):
-    """A BatchNorm2d that stays in eval mode (train() cannot switch it on): normalizes with its
-    running statistics and never updates them. Same parameters, buffers and state_dict keys."""
-
-    def train(self, mode=True):
-        return super().train(False)
-
-
-def freeze_backbone(model):
-    """Train only the head (head_names): every other parameter gets requires_grad=False, and every
-    BatchNorm outside the head stays in eval mode, so that the backbone's running statistics do not
-    move either (a linear probe on fixed features). Returns the names of the trainable parameters."""
-    heads = head_names(model)
-    for n, p in model.named_parameters():
-        p.requires_grad_(_is_head(n, heads))
-    for n, m in model.named_modules():
-        if type(m) is nn.BatchNorm2d and not _is_head(n + ".", heads):
-            m.__class__ = _EvalBatchNorm2d
-            m.eval()
-    return [n for n, p in model.named_parameters() if p.requires_grad]
-
-
-# --------------------------------------------------------------------------- table
+# --------------------------------------------------------------------------- the table
 def _model_name(name):
     if name not in MODELS:
         raise argparse.ArgumentTypeError(f"unknown model {name!r}; choose from: {', '.join(MODELS)}")
@@ -722,50 +521,36 @@ def _model_name(name):
 
 
 def get_args_parser():
-    from runtime import int_range
-    parser = argparse.ArgumentParser(description="Parameters and forward MACs of every model.")
-    parser.add_argument("models", nargs="*", metavar="MODEL", type=_model_name,
-                        help=f"default: all of {', '.join(MODELS)}")
-    parser.add_argument("--image-size", type=int_range(1, 100_000), default=32)
-    parser.add_argument("--in-channels", type=int_range(1, 1024), default=3)
-    parser.add_argument("--num-classes", type=int_range(1, 1_000_000), default=10)
-    return parser
+    from runtime import number  # the model code itself needs no runtime
+    p = argparse.ArgumentParser(description="Parameters and forward MACs of every model.")
+    p.add_argument("models", nargs="*", metavar="MODEL", type=_model_name, help=f"default: all of {', '.join(MODELS)}")
+    p.add_argument("--image-size", type=number(int, 1, 100_000), default=32)
+    p.add_argument("--in-channels", type=number(int, 1, 1024), default=3)
+    p.add_argument("--num-classes", type=number(int, 1, 1_000_000), default=10)
+    return p
 
 
 def main(args):
-    names = args.models or list(MODELS)
-    for name in names:
-        if name not in MODELS:
-            raise ValueError(f"unknown model {name!r}; choose from: {', '.join(MODELS)}")
-    if min(args.image_size, args.in_channels, args.num_classes) < 1:
-        raise ValueError("--image-size, --in-channels and --num-classes must be positive")
-    too_small = {n: min_image_size(n, args.image_size) for n in names if args.image_size < min_image_size(n, args.image_size)}
-    if too_small and args.models:  # asked for by name: the one-line error of build_model
-        name = next(iter(too_small))
-        build_model(name, args.num_classes, args.in_channels, args.image_size)
-    shape = (1, args.in_channels, args.image_size, args.image_size)
-    print(f"input {'x'.join(map(str, shape[1:]))}, {args.num_classes} classes, default options\n")
-    print(f"| {'model':<11} | {'params':>9} | {'MACs':>9} |\n|{'-' * 13}|{'-' * 11}|{'-' * 11}|")
-    for name in names:
-        if name in too_small:
-            continue
-        # on the meta device: shapes only, no memory or compute (resnet1202 and vgg19 are instant)
+    """Parameters and MACs of each model, built on the meta device (shapes only: no memory, no
+    compute). A model named on the command line that cannot take the size is build_model's error."""
+    size, shape = args.image_size, (1, args.in_channels, args.image_size, args.image_size)
+    small = {n: min_image_size(n, size) for n in args.models or MODELS if size < min_image_size(n, size)}
+    if small and args.models:
+        build_model(next(iter(small)), args.num_classes, args.in_channels, size)
+    print(f"input {args.in_channels}x{size}x{size}, {args.num_classes} classes, default options\n\n"
+          f"| {'model':<11} | {'params':>9} | {'MACs':>9} |\n|{'-' * 13}|{'-' * 11}|{'-' * 11}|")
+    for name in [n for n in args.models or MODELS if n not in small]:
         with torch.device("meta"):
-            model = build_model(name, args.num_classes, args.in_channels, args.image_size)
-            params = sum(p.numel() for p in model.parameters())
-            macs = count_macs(model, shape)
-        print(f"| {name:<11} | {params / 1e6:8.2f}M | {_human(macs):>9} |")
-    if too_small:
-        print(f"note: left out, their pooling needs larger images: "
-              f"{', '.join(f'{n} (at least {m} px)' for n, m in too_small.items())}", file=sys.stderr)
-
-
-def _human(n):
-    return f"{n / 1e9:.2f}G" if n >= 1e9 else f"{n / 1e6:.1f}M"
+            model = build_model(name, args.num_classes, args.in_channels, size)
+            params, macs = sum(p.numel() for p in model.parameters()), count_macs(model, shape)
+        print(f"| {name:<11} | {params / 1e6:8.2f}M | {f'{macs / 1e9:.2f}G' if macs >= 1e9 else f'{macs / 1e6:.1f}M':>9} |")
+    if small:
+        print("note: left out, their pooling needs larger images: "
+              + ", ".join(f"{n} (at least {m} px)" for n, m in small.items()), file=sys.stderr)
 
 
 def cli(argv=None):
-    from runtime import run_cli  # as get_args_parser does: the model code itself needs no runtime
+    from runtime import run_cli
     return run_cli(main, get_args_parser(), argv)
 
 

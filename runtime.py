@@ -299,9 +299,10 @@ def number(kind, lo=None, hi=None, *, lo_open=False, hi_open=False, what=""):
     """An argparse type: a finite int or float in the range (either end open where None); else
     exit 2 with a usage line naming the flag and the range ("argument --ema: must be in [0, 1),
     got 2"). `what` says in a word what the range means."""
-    allowed = (f"in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}" if None not in (lo, hi)
-               else f"{'>' if lo_open else '>='} {lo:g}" if lo is not None
-               else f"{'<' if hi_open else '<='} {hi:g}" if hi is not None else "finite")
+    f = str if kind is int else "{:g}".format
+    allowed = (f"in {'(' if lo_open else '['}{f(lo)}, {f(hi)}{')' if hi_open else ']'}" if None not in (lo, hi)
+               else f"{'>' if lo_open else '>='} {f(lo)}" if lo is not None
+               else f"{'<' if hi_open else '<='} {f(hi)}" if hi is not None else "finite")
     allowed += f" ({what})" if what else ""
 
     def parse(text):
@@ -325,13 +326,13 @@ def one_line(e, limit=300):
 
 
 def run_cli(main, parser, argv=None, oom_hint="lower --batch-size (or --image-size)"):
-    """Every script's exit-code rule: parse argv (sys.argv when None; bad usage exits 2 from
-    argparse), run main(args) and return main's int or 0; 1 with one `error:` line for what a user can fix
+    """Every script's exit-code rule: parse argv with the parser (or a parse function; sys.argv
+    when None; bad usage exits 2 from argparse), run main(args) and return main's int or 0; 1 with one `error:` line for what a user can fix
     (ValueError, OSError, running out of memory); 130 on Ctrl-C, printing the interrupt's own
     message (e.g. how to resume) or "interrupted"."""
     signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        rc = main(parser.parse_args(argv))
+        rc = main(getattr(parser, "parse_args", parser)(argv))
     except KeyboardInterrupt as e:
         print(str(e) or "interrupted", file=sys.stderr)
         return 130

@@ -28,7 +28,7 @@ def test_scripts_run_without_sched_getaffinity(tmp_path, monkeypatch, capsys):
     monkeypatch.delattr(os, "sched_getaffinity", raising=False)
     assert runtime.cpu_count() == (os.cpu_count() or 1)
     write_folder(tmp_path / "d")
-    args = train.get_args_parser().parse_args([
+    args = train.parse_args([
         "--model", "lenet5", "--dataset", "folder", "--data-dir", str(tmp_path / "d"), "--epochs", "1",
         "--batch-size", "4", "--image-size", "32", "--device", "cpu", "--out", str(tmp_path / "run")])
     train.main(args)  # folder decode (thread pool), training, checkpoint, plots
@@ -46,7 +46,7 @@ def fake_mps(monkeypatch):
 def test_auto_device_picks_mps_and_configures_it(fake_mps):
     device = runtime.pick_device("auto")
     assert device.type == "mps"
-    assert runtime.pick_amp("auto", device) == torch.float16  # MPS autocast: fp16
+    assert runtime.pick_amp("auto", device, training=True)[0] == torch.float16  # MPS autocast: fp16
     assert runtime.pick_device("mps").type == "mps"
     assert runtime.device_name(device).startswith("Apple MPS")
 

@@ -92,7 +92,7 @@ def test_strict_load_and_equal_outputs(name):
 def test_googlenet_mean_std_equal_torchvision_transform_input(hub):
     """torchvision runs its pretrained GoogLeNet with transform_input=True on ImageNet-normalized
     input; ours has no such layer and normalizes with the mean/std torchvision_weights records."""
-    state, init = models.torchvision_weights("googlenet")
+    state, init = checkpoint.torchvision_weights("googlenet")
     ref = torchvision_model("googlenet", transform_input=True).eval()
     ref.load_state_dict(state)
     with torch.device("meta"):
@@ -128,22 +128,22 @@ def hub(tmp_path, monkeypatch):
 
 
 def test_torchvision_weights_from_the_cache(hub):
-    state, init = models.torchvision_weights("resnet18", "IMAGENET1K_V1")
+    state, init = checkpoint.torchvision_weights("resnet18", "IMAGENET1K_V1")
     file = torch.load(hub / cache_file("resnet18"), weights_only=True)
     assert state.keys() == file.keys() and all(torch.equal(state[k], file[k]) for k in file)
     w = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
     assert init == {"source": "torchvision", "weights": "ResNet18_Weights.IMAGENET1K_V1",
                     "mean": list(w.transforms().mean), "std": list(w.transforms().std), "image_size": 224}
     # DEFAULT and the full enum name are the same weights
-    assert models.pretrained_weights("resnet18", "ResNet18_Weights.IMAGENET1K_V1") is w
-    assert models.pretrained_weights("resnet18", "DEFAULT") is w
+    assert checkpoint.pretrained_weights("resnet18", "ResNet18_Weights.IMAGENET1K_V1") is w
+    assert checkpoint.pretrained_weights("resnet18", "DEFAULT") is w
 
 
 def test_bad_weights_name():
-    with pytest.raises(models.WeightsError, match="IMAGENET1K_V1, IMAGENET1K_V2"):
-        models.pretrained_weights("resnet50", "IMAGENET21K")
-    with pytest.raises(models.WeightsError, match="resnet18 has no weights 'ResNet50_Weights.IMAGENET1K_V2'"):
-        models.pretrained_weights("resnet18", "ResNet50_Weights.IMAGENET1K_V2")
+    with pytest.raises(checkpoint.WeightsError, match="IMAGENET1K_V1, IMAGENET1K_V2"):
+        checkpoint.pretrained_weights("resnet50", "IMAGENET21K")
+    with pytest.raises(checkpoint.WeightsError, match="resnet18 has no weights 'ResNet50_Weights.IMAGENET1K_V2'"):
+        checkpoint.pretrained_weights("resnet18", "ResNet50_Weights.IMAGENET1K_V2")
 
 
 @pytest.mark.parametrize("name,options", [
@@ -154,23 +154,23 @@ def test_bad_weights_name():
 def test_models_without_weights_refused_with_the_list(name, options):
     published = [n for n in models.MODELS if n in torchvision.models.list_models(module=torchvision.models)]
     assert sorted(published) == sorted(WITH_WEIGHTS)
-    with pytest.raises(models.WeightsError) as info:
-        models.pretrained_options(name, options)
+    with pytest.raises(checkpoint.WeightsError) as info:
+        checkpoint.pretrained_options(name, options)
     msg = str(info.value)
     assert "\n" not in msg and all(n in msg for n in published)
 
 
 def test_pretrained_options_fill_torchvision_layout():
-    assert models.pretrained_options("resnet18", {"stem": "auto", "zero_init_residual": True}) == \
+    assert checkpoint.pretrained_options("resnet18", {"stem": "auto", "zero_init_residual": True}) == \
         {"stem": "imagenet", "zero_init_residual": True}
-    assert models.pretrained_options("googlenet", {"aux_logits": True}) == \
+    assert checkpoint.pretrained_options("googlenet", {"aux_logits": True}) == \
         {"aux_logits": True, "stem": "imagenet", "inception_kernel": 3}
-    assert models.pretrained_options("vgg11_bn", {}) == {"head": "paper"}
+    assert checkpoint.pretrained_options("vgg11_bn", {}) == {"head": "paper"}
 
 
 def test_alexnet_below_its_minimum_size_refused():
-    with pytest.raises(models.WeightsError, match="at least 63 px.*--image-size 224"):
-        models.torchvision_weights("alexnet", image_size=32)
+    with pytest.raises(checkpoint.WeightsError, match="at least 63 px.*--image-size 224"):
+        checkpoint.torchvision_weights("alexnet", image_size=32)
 
 
 def test_offline_error_line(tmp_path):
@@ -195,7 +195,7 @@ def test_offline_error_line(tmp_path):
 
 # --------------------------------------------------------------------------- train.py end to end
 def train_args(*extra):
-    return train.get_args_parser().parse_args(
+    return train.parse_args(
         ["--dataset", "synthetic", "--limit-train", "32", "--limit-test", "16", "--epochs", "1",
          "--batch-size", "16", *map(str, extra)])
 
@@ -246,8 +246,8 @@ def test_one_channel_adaptation_equals_rgb_copy():
     for name in ("resnet18", "googlenet", "vgg11_bn"):
         rgb = ours_imagenet(name, 10)
         rgb.load_state_dict(perturbed(rgb.state_dict()))
-        gray = models.build_model(name, 10, 1, 224, **models.pretrained_options(name, {"aux_logits": name == "googlenet" or None}))
-        line = models.load_transfer(gray, rgb.state_dict(), new_head=False)
+        gray = models.build_model(name, 10, 1, 224, **checkpoint.pretrained_options(name, {"aux_logits": name == "googlenet" or None}))
+        line = checkpoint.load_transfer(gray, rgb.state_dict(), new_head=False)
         assert "summed over RGB for 1 channel" in line and "mismatch" not in line
         x = torch.randn(2, 1, 64, 64)
         with torch.no_grad():
@@ -283,7 +283,7 @@ def test_freeze_backbone_keeps_every_backbone_tensor(tmp_path):
 
 def test_freeze_backbone_keeps_batchnorm_in_eval_mode_through_train_and_copies():
     model = models.build_model("resnet20", 10)
-    assert models.freeze_backbone(model) == ["fc.weight", "fc.bias"]
+    assert checkpoint.freeze_backbone(model) == ["fc.weight", "fc.bias"]
     assert [n for n, p in model.named_parameters() if p.requires_grad] == ["fc.weight", "fc.bias"]
 
     def bn_modes(m):
@@ -298,9 +298,7 @@ def test_freeze_backbone_keeps_batchnorm_in_eval_mode_through_train_and_copies()
 
 def test_backbone_lr_scale_param_groups():
     model = models.build_model("resnet20", 10)
-    a = train.resolve_args(train_args("--model", "resnet20", "--init-from", "x", "--backbone-lr-scale", "0.1",
-                                      "--lr", "0.2"))
-    opt = train.build_optimizer(model, torch.device("cpu"), **train.optimizer_options(a))
+    opt = train.build_optimizer(model, torch.device("cpu"), lr=0.2, weight_decay=5e-4, backbone_lr_scale=0.1)
     head = {id(p) for p in model.fc.parameters()}
     lrs = {}
     for g in opt.param_groups:
@@ -335,7 +333,7 @@ def test_transfer_usage_errors_exit_2(flags):
 
 
 def test_pretrained_refused_for_model_without_weights_before_any_work(tmp_path):
-    with pytest.raises(models.WeightsError) as info:
+    with pytest.raises(checkpoint.WeightsError) as info:
         train.main(train_args("--model", "lenet5", "--pretrained", "--out", tmp_path / "run"))
     assert str(info.value).startswith("lenet5 has no torchvision ImageNet weights; --pretrained works with: alexnet")
     assert "\n" not in str(info.value) and not (tmp_path / "run").exists()
@@ -346,20 +344,20 @@ def test_load_transfer_summary_head_and_mismatches():
     src = init_state("resnet20", 10)
     # 100 classes: the head does not fit and is new; everything else loads
     model = models.build_model("resnet20", 100)
-    line = models.load_transfer(model, src, new_head=False)
+    line = checkpoint.load_transfer(model, src, new_head=False)
     assert line.startswith(f"loaded {len(src) - 2} of {len(src)} tensors; new head: fc")
     assert all(torch.equal(model.state_dict()[k], v) for k, v in src.items() if not k.startswith("fc."))
     # a wider first conv than the model's: named as a shape mismatch, the rest loads
     bad = dict(src, **{"conv1.weight": torch.zeros(16, 3, 5, 5), "extra.weight": torch.zeros(1)})
-    line = models.load_transfer(models.build_model("resnet20", 10), bad, new_head=False)
+    line = checkpoint.load_transfer(models.build_model("resnet20", 10), bad, new_head=False)
     assert "1 left at init (not in the weights)" not in line
     assert "1 shape mismatches: conv1.weight (16, 3, 5, 5) vs (16, 3, 3, 3)" in line
     assert "1 unused: extra.weight" in line
     # non-finite tensors (torchvision's vgg16 IMAGENET1K_FEATURES classifier) are not loaded
     nan = dict(src, **{"layer1.0.conv1.weight": torch.full_like(src["layer1.0.conv1.weight"], float("nan"))})
-    assert "1 non-finite: layer1.0.conv1.weight" in models.load_transfer(models.build_model("resnet20", 10), nan)
-    with pytest.raises(models.WeightsError, match="none of the given weights fit"):
-        models.load_transfer(models.build_model("lenet5", 10), src)
+    assert "1 non-finite: layer1.0.conv1.weight" in checkpoint.load_transfer(models.build_model("resnet20", 10), nan)
+    with pytest.raises(checkpoint.WeightsError, match="none of the given weights fit"):
+        checkpoint.load_transfer(models.build_model("lenet5", 10), src)
 
 
 def test_init_from_our_checkpoint_and_torchvision_state_dict(tmp_path):
@@ -374,97 +372,15 @@ def test_init_from_our_checkpoint_and_torchvision_state_dict(tmp_path):
     state, init = checkpoint.load_init(path)
     assert init == {"source": str(path), "model_name": "resnet18", "mean": [0.1, 0.2, 0.3], "std": [0.4, 0.5, 0.6]}
     model = models.build_model("resnet18", 10, 3, 224, stem="imagenet")
-    assert "new head: fc" in models.load_transfer(model, state, new_head=False)
+    assert "new head: fc" in checkpoint.load_transfer(model, state, new_head=False)
     # torchvision's layout as a plain state_dict, with a DDP prefix
     tv = perturbed(torchvision_model("resnet18").state_dict())
     torch.save({"module." + k: v for k, v in tv.items()}, tmp_path / "tv.pth")
     state, init = checkpoint.load_init(tmp_path / "tv.pth")
     assert init == {"source": str(tmp_path / "tv.pth")} and state.keys() == tv.keys()
     model = models.build_model("resnet18", 10, 3, 224, stem="imagenet")
-    line = models.load_transfer(model, state, new_head=False)
+    line = checkpoint.load_transfer(model, state, new_head=False)
     assert line == "loaded 120 of 122 tensors; new head: fc"
     torch.save([1, 2], tmp_path / "list.pt")
     with pytest.raises(checkpoint.CheckpointError, match="neither a deeper-networks checkpoint nor a state_dict"):
         checkpoint.load_init(tmp_path / "list.pt")
-
-
-# --------------------------------------------------------------------------- checkpoints from before the renaming
-def old_resnet_name(k):
-    """Today's name -> the name before the renaming (stem / stages.I.J.residual.N / shortcut.N)."""
-    parts = k.split(".")
-    if parts[0] in ("conv1", "bn1"):
-        return ".".join(["stem", "0" if parts[0] == "conv1" else "1", *parts[1:]])
-    if parts[0].startswith("layer"):
-        stage, block, module = int(parts[0][5:]) - 1, parts[1], parts[2]
-        if module == "downsample":
-            return ".".join(["stages", str(stage), block, "shortcut", *parts[3:]])
-        index = {"conv1": 0, "bn1": 1, "conv2": 3, "bn2": 4, "conv3": 6, "bn3": 7}[module]
-        return ".".join(["stages", str(stage), block, "residual", str(index), *parts[3:]])
-    return k  # fc
-
-
-def old_googlenet_name(k, imagenet_stem):
-    parts = k.split(".")
-    conv = {"conv": "0", "bn": "1"}
-    if parts[0] in ("conv1", "conv2", "conv3"):
-        index = {"conv1": 0, "conv2": 2 if imagenet_stem else 1, "conv3": 3 if imagenet_stem else 2}[parts[0]]
-        return ".".join(["stem", str(index), conv[parts[1]], *parts[2:]])
-    if parts[0] == "fc":
-        return ".".join(["head", "3", *parts[1:]])
-    if parts[0] in ("aux1", "aux2"):
-        if parts[1] == "conv":
-            return ".".join([parts[0], "conv", conv[parts[2]], *parts[3:]])
-        return ".".join([parts[0], "fc", "1" if parts[1] == "fc1" else "4", *parts[2:]])
-    block = {"inception3a": "inception3.0", "inception3b": "inception3.1", "inception4b": "inception4bcd.0",
-             "inception4c": "inception4bcd.1", "inception4d": "inception4bcd.2", "inception5a": "inception5.0",
-             "inception5b": "inception5.1"}.get(parts[0], parts[0])
-    if parts[1] == "shortcut":
-        return ".".join([block, *parts[1:]])
-    branch = int(parts[1][len("branch"):]) - 1
-    if branch == 0:  # a BasicConv2d, not a Sequential
-        return ".".join([block, "branches", "0", conv[parts[2]], *parts[3:]])
-    return ".".join([block, "branches", str(branch), parts[2], conv[parts[3]], *parts[4:]])
-
-
-OLD_CASES = [("resnet20", {}), ("resnet18", {}), ("resnet50", {"stem": "imagenet", "plain": True}),
-             ("googlenet", {"aux_logits": True, "residual": "projection"}),
-             ("googlenet", {"stem": "imagenet", "inception_kernel": 3})]
-
-
-@pytest.mark.parametrize("name,options", OLD_CASES, ids=[f"{n}-{'-'.join(map(str, o.values()))}" for n, o in OLD_CASES])
-def test_old_checkpoint_maps_back_and_loads_strict(name, options):
-    torch.manual_seed(0)
-    model = models.build_model(name, 10, 3, 32, **options)
-    state = perturbed(model.state_dict())
-    model.load_state_dict(state)
-    if name.startswith("resnet"):
-        old = {old_resnet_name(k): v for k, v in state.items()}
-    else:
-        old = {old_googlenet_name(k, options.get("stem") == "imagenet"): v for k, v in state.items()}
-    # names shared by both layouts must be names that did not change (e.g. inception4a.shortcut.0)
-    assert len(old) == len(state) and all(old[k] is state[k] for k in set(old) & set(state))
-    ck = checkpoint.make_checkpoint(model_name=name, model_options=options, num_classes=10, in_channels=3,
-                                    image_size=32, model=old, ema=old)
-    rebuilt = checkpoint.model_from_checkpoint(ck)  # strict load after the key map
-    ema = checkpoint.model_from_checkpoint(ck, ema=True)
-    x = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        expected = model.eval()(x)
-        assert torch.equal(rebuilt(x), expected) and torch.equal(ema(x), expected)
-    assert models.upgrade_state_dict(name, state) is state  # today's names pass unchanged
-
-
-def test_resume_from_old_checkpoint_equals_resume_from_new(tmp_path):
-    first = tmp_path / "a"
-    train.main(train_args("--model", "resnet20", "--out", first, "--ema", "0.9"))
-    ck = torch.load(first / "last.pt", weights_only=True)
-    old = dict(ck, model={old_resnet_name(k): v for k, v in ck["model"].items()},
-               ema={old_resnet_name(k): v for k, v in ck["ema"].items()})
-    (tmp_path / "b").mkdir()
-    checkpoint.save(old, tmp_path / "b" / "last.pt")
-    for run in ("a", "b"):
-        train.main(train.get_args_parser().parse_args(["--resume", str(tmp_path / run / "last.pt"), "--epochs", "2"]))
-    a, b = (torch.load(tmp_path / run / "last.pt", weights_only=True) for run in ("a", "b"))
-    assert a["epoch"] == b["epoch"] == 2
-    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
-    assert list(b["model"]) == list(a["model"])  # written with today's names

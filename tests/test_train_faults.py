@@ -301,18 +301,24 @@ def test_resume_refuses_data_with_other_classes(tmp_path, capsys):
 
 # ----------------------------------------------------------------------------- usage
 
+F32 = "3.40282e+38"  # float32's largest: larger factors overflow inside the optimizer (issue 27)
 BAD_NUMBERS = [
     ("--ema", "2", "[0, 1)"), ("--ema", "-0.5", "[0, 1)"), ("--ema", "1", "[0, 1)"),
-    ("--mixup", "-1", ">= 0"), ("--cutmix", "-1", ">= 0"), ("--weight-decay", "-1", ">= 0"),
+    ("--mixup", "-1", "[0, 1e+06]"), ("--cutmix", "-1", "[0, 1e+06]"), ("--weight-decay", "-1", f"[0, {F32}]"),
     ("--gamma", "-1", "(0, 1]"), ("--gamma", "0", "(0, 1]"), ("--gamma", "1e9", "(0, 1]"),
-    ("--lr", "nan", "> 0"), ("--lr", "inf", "> 0"), ("--lr", "0", "> 0"), ("--lr", "-0.1", "> 0"),
-    ("--momentum", "1", "[0, 1)"), ("--seed", "-1", "[0, 4294967295]"), ("--seed", "1.5", "an integer"),
-    ("--label-smoothing", "1.5", "[0, 1)"), ("--step-size", "0", ">= 1"), ("--patience", "-1", ">= 0"),
-    ("--warmup-epochs", "-1", ">= 0"), ("--warmup-epochs", "inf", ">= 0"), ("--epochs", "0", ">= 1"),
-    ("--batch-size", "0", ">= 1"), ("--val-split", "1", "[0, 1)"), ("--val-split", "-0.1", "[0, 1)"),
-    ("--limit-train", "0", ">= 1"), ("--limit-test", "-5", ">= 1"), ("--cutout", "-1", ">= 0"),
-    ("--clip-grad", "-1", ">= 0"), ("--clip-grad", "nan", ">= 0"), ("--workers", "-1", ">= 0"),
-    ("--dropout", "1", "[0, 1)"), ("--image-size", "0", ">= 1"), ("--milestones", "0", ">= 1"),
+    ("--lr", "nan", f"(0, {F32}]"), ("--lr", "inf", f"(0, {F32}]"), ("--lr", "0", f"(0, {F32}]"),
+    ("--lr", "-0.1", f"(0, {F32}]"), ("--momentum", "1", "[0, 1)"), ("--seed", "-1", "[0, 4294967295]"),
+    ("--seed", "1.5", "an integer"), ("--label-smoothing", "1.5", "[0, 1)"), ("--step-size", "0", "[1, 1000000000]"),
+    ("--patience", "-1", "[0, 1000000]"), ("--warmup-epochs", "-1", "[0, 1e+06]"), ("--warmup-epochs", "inf", "[0, 1e+06]"),
+    ("--epochs", "0", "[1, 1000000]"), ("--batch-size", "0", "[1, 1000000000]"), ("--val-split", "1", "[0, 1)"),
+    ("--val-split", "-0.1", "[0, 1)"), ("--limit-train", "0", "[1, 1000000000]"), ("--limit-test", "-5", "[1, 1000000000]"),
+    ("--cutout", "-1", "[0, 4096]"), ("--clip-grad", "-1", f"[0, {F32}]"), ("--clip-grad", "nan", f"[0, {F32}]"),
+    ("--workers", "-1", "[0, 256]"), ("--dropout", "1", "[0, 1)"), ("--image-size", "0", "[1, 1000000000]"),
+    ("--milestones", "0", "[1, 1000000000]"),
+    # values in the old ranges that no run can use (issue 27): an overflow inside SGD, a hang before step 1
+    ("--lr", "1e308", f"(0, {F32}]"), ("--weight-decay", "1e308", f"[0, {F32}]"), ("--clip-grad", "1e308", f"[0, {F32}]"),
+    ("--epochs", "99999999999999999999999", "[1, 1000000]"), ("--warmup-epochs", "1e308", "[0, 1e+06]"),
+    ("--mixup", "1e308", "[0, 1e+06]"), ("--workers", "100000", "[0, 256]"), ("--batch-size", "1" + "0" * 30, "[1, 1000000000]"),
 ]
 
 
@@ -419,3 +425,110 @@ def test_link_without_hard_links_copies(tmp_path, monkeypatch):
     assert not os.path.samefile(tmp_path / "last.pt", tmp_path / "best.pt")
     assert load(tmp_path / "best.pt") == {"epoch": 2}
     assert leftovers(tmp_path) == []
+
+
+# ----------------------------------------------------------------------------- issue 27: wrong-typed fields
+
+WRONG_FIELDS = [  # (field, value, what the error line says it expected)
+    ("classes", "abc", "list of class names"), ("classes", [1, 2], "list of class names"),
+    ("classes", ["a"] * 3, "expected 10"), ("model_options", [], "a dict of options"),
+    ("model", [1, 2], "a state_dict"), ("model", {"fc.weight": 1.0}, "a state_dict"),
+    ("epoch", "1", "an integer >= 0"), ("epoch", 1.5, "an integer >= 0"), ("epoch", True, "an integer >= 0"),
+    ("history", "rows", "per-epoch rows"), ("history", [1, 2], "per-epoch rows"), ("args", ["--lr"], "a dict"),
+    ("num_classes", "10", "an integer >= 1"), ("image_size", 0, "an integer >= 1"), ("model_name", "resnet19", "a model"),
+    ("mean", "x", "finite numbers"), ("mean", [0.5, float("nan"), 0.5], "finite numbers"), ("std", [0.5, 0.0, 0.5], "> 0"),
+    ("std", [0.5], "expected 3"), ("rng", {"torch": 3}, "torch RNG state"), ("optimizer", [], "optimizer state"),
+    ("ema", {"x": "y"}, "a state_dict"), ("init", "torchvision", "a dict"),
+]
+
+
+@pytest.mark.parametrize("field,value,expected", WRONG_FIELDS)
+def test_wrong_typed_checkpoint_fields_are_one_line_everywhere(run1, tmp_path, capsys, field, value, expected):
+    """Before: TypeError / AttributeError tracebacks from evaluate.py, export.py and --resume. Now
+    checkpoint.load_checkpoint checks every field once: "error: CKPT: <field> is ..., expected ..."."""
+    import evaluate
+    import export
+    bad = tmp_path / "bad" / "last.pt"
+    bad.parent.mkdir()
+    ck = load(run1 / "last.pt")
+    if field == "classes" and expected == "expected 10":
+        ck["num_classes"] = 10
+    checkpoint.save({**ck, field: value}, bad)
+    for script, argv in ((train, ["--resume", bad, "--epochs", "2"]), (evaluate, [bad, "--no-timing"]),
+                         (export, [bad, "--out", tmp_path / "bad.onnx"])):
+        assert script.cli([str(a) for a in argv]) == 1, script.__name__
+        line = one_error_line(capsys.readouterr().err)
+        assert f"{bad}: {field} " in line and expected in line, (script.__name__, line)
+    assert load(bad)[field] == value or field in ("mean", "std")  # nothing written over it
+    assert not (tmp_path / "bad.onnx").exists()
+
+
+def test_ctrl_c_while_torch_imports_is_one_line():
+    """Before: a KeyboardInterrupt traceback from inside `import torch` (issue 27, 5)."""
+    import signal
+    import time
+    p = subprocess.Popen([sys.executable, os.path.join(os.path.dirname(train.__file__), "train.py"), "--help"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.3)  # Python is up and importing runtime / torch (which takes seconds)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=60)
+    if p.returncode == 0:
+        pytest.skip("torch imported before the signal came (a very fast machine)")
+    assert p.returncode == 130 and err == "interrupted\n", (p.returncode, err)
+
+
+# ----------------------------------------------------------------------------- issue 25: CUDA paths on the CPU
+
+def test_torchrun_backend_follows_the_device(monkeypatch):
+    """Before: NCCL whenever CUDA existed, also with --device cpu (DDP then fails on CPU tensors)."""
+    import torch.distributed as dist
+    seen = []
+    monkeypatch.setattr(dist, "init_process_group", lambda backend: seen.append(backend))
+    monkeypatch.setattr(dist, "get_rank", lambda: 0)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("RANK", "0")
+    a = train.parse_args(["--model", "lenet5", "--dataset", "synthetic", "--device", "cpu"])
+    assert train.setup_runtime(a)[1:] == (2, torch.device("cpu")) and seen == ["gloo"]
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: None)
+    a.device = "cuda"
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert train.setup_runtime(a)[2] == torch.device("cuda", 1) and seen == ["gloo", "nccl"]
+
+
+def test_cuda_rng_state_is_the_process_devices_own(run1, monkeypatch):
+    """Before: one CUDA RNG state per visible GPU, and an IndexError resuming with fewer GPUs. Now the
+    checkpoint holds the state of the process's own device, restored onto the device it resumes on."""
+    ck = load(run1 / "last.pt")
+    state = torch.get_rng_state()
+    ck["rng"]["cuda"] = state
+    calls = []
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, d: calls.append((s, d)))
+    model = models.build_model("lenet5", 10, 3, 12)
+    opt = train.build_optimizer(model, torch.device("cpu"), lr=0.1, weight_decay=0.0)
+    sched = train.Schedule(opt, "cosine", 2, 2)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    device = torch.device("cuda", 0)
+    train.restore_state(ck, "x", opt, sched, scaler, None, device)
+    assert len(calls) == 1 and torch.equal(calls[0][0], state) and calls[0][1] == device
+
+
+def test_deterministic_is_strict_and_sets_cublas_workspace(monkeypatch):
+    """Before: warn_only=True (no promise kept), no CUBLAS_WORKSPACE_CONFIG, compile auto on CUDA."""
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    a = train.parse_args(["--model", "lenet5", "--dataset", "synthetic", "--deterministic", "--device", "cpu"])
+    try:
+        train.setup_runtime(a)
+        assert torch.are_deterministic_algorithms_enabled()
+        assert not torch.is_deterministic_algorithms_warn_only_enabled()
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+def test_reduce_overhead_under_ddp_says_graphs_are_skipped():
+    bn = models.build_model("resnet20", 10)
+    assert "skips CUDA graphs" in train.cudagraph_note("reduce-overhead", 2, bn)
+    assert train.cudagraph_note("reduce-overhead", 1, bn) is None
+    assert train.cudagraph_note("default", 2, bn) is None
+    assert train.cudagraph_note("reduce-overhead", 2, models.build_model("lenet5", 10)) is None
