@@ -5,25 +5,20 @@
     python studies/report.py --check    # exit 1 when README.md's block is not what results/ says
     python studies/report.py --compare results/depth_vs_lr   # its comparison.* and figures again
 
---compare rebuilds a study folder's comparison.csv / .md, comparison_runs.*, curves.png and
-tradeoff.png with evaluate.py's comparison from its runs' eval.json, config.json and metrics.csv
-(the checkpoints are not in git): the same tables as the study's last step, with seeds pooled as
-mean ± std, nothing measured again. Runs keep the order of the folder's comparison.csv.
+--compare rebuilds a study folder's comparison.* and figures with compare.py from its runs'
+eval.json, config.json and metrics.csv (results/ keeps no checkpoints), in the order of its old
+comparison.csv; a run whose files have the wrong shape is left out with a warning.
 
-TABLE below lists each row's published figures (typed from the papers) and, in the same order,
-the run that stands for each figure: results/<study>/<run>/ or, with SEEDS, every
-results/<study>/<run>-seed<S>/. An "ours" value is the run's eval.json top-1 (or 100 - top-1 for
-error rows) in %, over seeds mean ± std (sample std, ddof=1, evaluate.mean_std: the figures
-evaluate.py's comparison.csv holds), "(n=K)" when K > 1; a run listed in the study's
-diverged.txt counts as diverged; "–" where no run exists; "not yet run" when a row has none.
-The label says the budget the runs had: the hardware of their eval.json (on a CPU, torch's
-thread count: "1-thread CPU" for runs under OMP_NUM_THREADS=1) and config.json's epochs. Runs pooled over seeds must be one configuration
-(evaluate.group_runs on their config.json), or this stops with the keys that differ.
-tests/test_report.py checks that README.md holds this block and that its numbers are in results/.
+TABLE lists each row's published figures (from the papers) and, in the same order, the run behind
+each: results/<study>/<run>/ or every results/<study>/<run>-seed<S>/. "ours" is the eval.json
+top-1 (error rows: 100 - top-1) in %, over seeds mean ± std (compare.mean_std), "(n=K)" when K > 1;
+runs in the study's diverged.txt count as diverged; "–": no run; "not yet run": none in the row.
+The label gives the runs' budget: eval.json's hardware (a CPU's thread count: "1-thread CPU" under
+OMP_NUM_THREADS=1) and config.json's epochs. Seeds pooled must be one configuration
+(compare.group_runs) and every file read must have the right shape, or this stops with one line.
 """
 import argparse
 import csv
-import json
 import re
 import sys
 import textwrap
@@ -32,32 +27,35 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from evaluate import RUNTIME_KEYS, comparison, config_key, group_runs, load_run_dirs, mean_std  # noqa: E402
-from runtime import run_cli  # noqa: E402
+from compare import (RUNTIME_KEYS, comparison, config_key, group_runs, load_run_dirs, mean_std,  # noqa: E402
+                     read_object, read_report)
+from runtime import run_cli, write_text  # noqa: E402
 
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 # (study, rows, published, results/<dir>, the run behind each published figure, metric)
+LRS = ("0.1", "0.01", "0.001")
 TABLE = [
     ("depth vs lr, MNIST (10 epochs)", "VGG-16 at lr 0.1 / 0.01 / 0.001", "9.8 / 99.5 / 99.5 % top-1",
-     "depth_vs_lr", ("mnist-vgg16-lr0.1", "mnist-vgg16-lr0.01", "mnist-vgg16-lr0.001"), "top1"),
+     "depth_vs_lr", tuple(f"mnist-vgg16-lr{lr}" for lr in LRS), "top1"),
     ("", "ResNet-18", "99.2 / 99.4 / 99.3",
-     "depth_vs_lr", ("mnist-resnet18-lr0.1", "mnist-resnet18-lr0.01", "mnist-resnet18-lr0.001"), "top1"),
+     "depth_vs_lr", tuple(f"mnist-resnet18-lr{lr}" for lr in LRS), "top1"),
     ("depth vs lr, CIFAR-10 (20 epochs)", "VGG-16", "10 / 87.1 / 89.2",
-     "depth_vs_lr", ("cifar10-vgg16-lr0.1", "cifar10-vgg16-lr0.01", "cifar10-vgg16-lr0.001"), "top1"),
+     "depth_vs_lr", tuple(f"cifar10-vgg16-lr{lr}" for lr in LRS), "top1"),
     ("", "ResNet-18", "88.7 / 90.0 / 90.1",
-     "depth_vs_lr", ("cifar10-resnet18-lr0.1", "cifar10-resnet18-lr0.01", "cifar10-resnet18-lr0.001"), "top1"),
+     "depth_vs_lr", tuple(f"cifar10-resnet18-lr{lr}" for lr in LRS), "top1"),
     ("residual inception, CIFAR-10", "GoogLeNet 3x3 / 5x5 / 3x3+identity / 5x5+identity",
      "14.56 / 14.33 / 13.73 / 13.39 % top-1 error", "residual_inception",
      ("googlenet-k3", "googlenet-k5", "googlenet-k3-identity", "googlenet-k5-identity"), "error"),
     ("", "3x3 with / without aux heads", "14.56 / 14.69",
      "residual_inception", ("googlenet-k3-aux", "googlenet-k3"), "error"),
-    ("CIFAR ResNet depth (164 epochs)", "ResNet-20 / 32 / 44 / 56 / 110", "8.75 / 7.51 / 7.17 / 6.97 / 6.43 % test error",
-     "cifar_resnet_depth", ("resnet20", "resnet32", "resnet44", "resnet56", "resnet110"), "error"),
+    ("CIFAR ResNet depth (164 epochs)", "ResNet-20 / 32 / 44 / 56 / 110",
+     "8.75 / 7.51 / 7.17 / 6.97 / 6.43 % test error", "cifar_resnet_depth",
+     tuple(f"resnet{d}" for d in (20, 32, 44, 56, 110)), "error"),
     ("", "plain-20 / 32 / 44 / 56 (no shortcuts)", "figure 6 only (no table)",
-     "cifar_resnet_depth", ("plain20", "plain32", "plain44", "plain56"), "error"),
-    ("architectures, CIFAR-10", "AlexNet / VGG-19 / ResNet-18 / 34 / 50", "77.6 / 74.7 / 89.3 / 89.6 / 89.2 % top-1",
-     "architectures", ("cifar10-alexnet", "cifar10-vgg19", "cifar10-resnet18", "cifar10-resnet34",
-                       "cifar10-resnet50"), "top1"),
+     "cifar_resnet_depth", tuple(f"plain{d}" for d in (20, 32, 44, 56)), "error"),
+    ("architectures, CIFAR-10", "AlexNet / VGG-19 / ResNet-18 / 34 / 50",
+     "77.6 / 74.7 / 89.3 / 89.6 / 89.2 % top-1", "architectures",
+     tuple(f"cifar10-{m}" for m in ("alexnet", "vgg19", "resnet18", "resnet34", "resnet50")), "top1"),
 ]
 UNITS = {"top1": "% top-1", "error": "% test error"}
 NOTE = ("Ours: the evaluated checkpoint's test top-1 (error rows: 100 - top-1), in %; over seeds "
@@ -66,7 +64,7 @@ NOTE = ("Ours: the evaluated checkpoint's test top-1 (error rows: 100 - top-1), 
 
 
 def pct(v):
-    """A fraction as a percentage with 2 decimals, rounded as evaluate.py's tables do."""
+    """A fraction as a percentage with 2 decimals, rounded as compare.py's tables do."""
     return f"{v:.2%}"[:-1]
 
 
@@ -78,20 +76,26 @@ def hardware(ev):
     return ev.get("device") or "unknown device"
 
 
+def diverged_names(study_dir):
+    """The runs listed in the study's diverged.txt."""
+    path = study_dir / "diverged.txt"
+    return path.read_text().split() if path.is_file() else []
+
+
 def find_runs(study_dir, name):
     """(finished, diverged): finished = [(dir, eval.json, config.json)] of `name` and `name-seed<S>`,
-    diverged = the names of those listed in the study's diverged.txt (with config.json if any)."""
-    pattern = re.compile(re.escape(name) + r"(-seed\d+)?")
-    listed = (study_dir / "diverged.txt").read_text().split() if (study_dir / "diverged.txt").is_file() else []
+    diverged = [(dir, config.json)] of those listed in the study's diverged.txt. ValueError
+    '<file>: <what>' for a file of the wrong shape: a run left out would make a cell wrong."""
+    pattern, listed = re.compile(re.escape(name) + r"(-seed\d+)?"), diverged_names(study_dir)
     finished, diverged = [], []
     for d in sorted(study_dir.iterdir()) if study_dir.is_dir() else []:
         if not (d.is_dir() and pattern.fullmatch(d.name)):
             continue
-        config = json.loads((d / "config.json").read_text()) if (d / "config.json").is_file() else {}
+        config = read_object(d / "config.json") if (d / "config.json").is_file() else {}
         if d.name in listed:
             diverged.append((d, config))
         elif (d / "eval.json").is_file():
-            finished.append((d, json.loads((d / "eval.json").read_text()), config))
+            finished.append((d, read_report(d / "eval.json"), config))
     return finished, diverged
 
 
@@ -108,7 +112,7 @@ def check_one_config(runs):
     other = next((c for _, c in runs[1:] if config_key(c) != config_key(first)), None)
     if other is None:
         raise ValueError(f"{names} are pooled as seeds of one run but share a seed")
-    keys = sorted(k for k in set(first) | set(other) if k not in RUNTIME_KEYS and first.get(k) != other.get(k))
+    keys = sorted(k for k in {*first, *other} if k not in RUNTIME_KEYS and first.get(k) != other.get(k))
     raise ValueError(f"{names} are pooled as seeds of one run but differ in: {', '.join(keys)}")
 
 
@@ -138,7 +142,7 @@ def ours(results, study, names, metric):
         return "not yet run"
     known = set().union(*(s["hardware"] for s in slots if s))
     if not known:  # every run diverged: the study's other runs ran on the same machine
-        known = {hardware(json.loads(p.read_text())) for p in sorted((results / study).glob("*/eval.json"))}
+        known = {hardware(read_report(p)) for p in sorted((results / study).glob("*/eval.json"))}
     epochs = [s["epochs"] if s else "–" for s in slots]
     filled = {e for e in epochs if e != "–"}
     budget = f"{filled.pop()} epochs" if len(filled) == 1 else f"{' / '.join(epochs)} epochs"
@@ -164,21 +168,21 @@ def replace_block(text, new):
 
 
 def compare(study_dir):
-    """evaluate.py's comparison over the finished runs of a study folder (see the docstring)."""
+    """compare.py's comparison over the finished runs of a study folder (see the docstring)."""
     study_dir = Path(study_dir)
-    listed = (study_dir / "diverged.txt").read_text().split() if (study_dir / "diverged.txt").is_file() else []
-    dirs = [d for d in sorted(study_dir.iterdir()) if (d / "eval.json").is_file() and d.name not in listed]
-    if len(dirs) < 2:
-        raise ValueError(f"{study_dir}: {len(dirs)} run folder(s) with an eval.json; a comparison needs 2")
-    order = []
+    listed = diverged_names(study_dir)
+    runs = load_run_dirs(d for d in sorted(study_dir.iterdir()) if (d / "eval.json").is_file()
+                         and d.name not in listed)
+    if len(runs) < 2:
+        raise ValueError(f"{study_dir}: {len(runs)} readable run folder(s); a comparison needs 2")
+    order = {}  # checkpoint -> its place in the old table
     if (study_dir / "comparison.csv").is_file():
         with open(study_dir / "comparison.csv", newline="") as f:
-            order = [c for row in csv.DictReader(f) for c in (row.get("checkpoint") or "").split(";")]
-    runs = load_run_dirs(dirs)
-    rank = {id(r): order.index(r["report"].get("checkpoint")) if r["report"].get("checkpoint") in order
-            else len(order) for r in runs}
-    runs.sort(key=lambda r: rank[id(r)])  # stable: runs not in the old table keep their name order
-    table, figures = comparison([r["report"] for r in runs], study_dir, runs=runs)
+            for row in csv.DictReader(f):
+                for c in (row.get("checkpoint") or "").split(";"):
+                    order.setdefault(c, len(order))
+    runs.sort(key=lambda r: order.get(r["report"].get("checkpoint"), len(order)))  # stable: new ones by name
+    table, figures = comparison(runs, study_dir)
     print(table + f"wrote {study_dir}/ comparison.csv comparison.md comparison_runs.csv comparison_runs.md "
           + " ".join(figures))
 
@@ -191,7 +195,8 @@ def get_args_parser():
     mode.add_argument("--write", action="store_true", help="update the README's marked block")
     mode.add_argument("--check", action="store_true", help="exit 1 if the README's block differs")
     mode.add_argument("--compare", nargs="+", metavar="STUDY_DIR",
-                      help="rebuild these study folders' comparison tables and figures from their runs' files")
+                      help="rebuild these study folders' comparison tables and figures from their runs' "
+                           "files")
     return p
 
 
@@ -207,17 +212,14 @@ def main(args):
     readme = Path(args.readme)
     text = readme.read_text()
     updated = replace_block(text, new)
-    if args.check:
+    if args.check and updated != text:
+        print(f"error: {readme}'s results block differs from {args.results}; run "
+              "python studies/report.py --write", file=sys.stderr)
+        return 1
+    if args.write:
         if updated != text:
-            print(f"error: {readme}'s results block differs from {args.results}; run "
-                  "python studies/report.py --write", file=sys.stderr)
-            return 1
-        return 0
-    if updated != text:
-        tmp = readme.with_name(readme.name + ".tmp")
-        tmp.write_text(updated)
-        tmp.replace(readme)
-    print(f"wrote the results block of {readme}" if updated != text else f"{readme} is up to date")
+            write_text(readme, updated)
+        print(f"wrote the results block of {readme}" if updated != text else f"{readme} is up to date")
     return 0
 
 

@@ -1,5 +1,5 @@
 """evaluate.py: metric functions against hand-computed values, the CLI end to end on a
-checkpoint trained here on the synthetic dataset, plots, comparison table, and errors."""
+checkpoint trained here on the synthetic dataset, plots, comparison table (compare.py), and errors."""
 import csv
 import json
 
@@ -26,10 +26,10 @@ def test_topk_ties_and_clipping():
                            [5., 0., 5., 1.]])  # target 2 ties class 0: rank 1
     targets = torch.tensor([2, 0, 0, 2])
     assert ev.target_rank(logits, targets).tolist() == [1, 0, 3, 1]
-    top1, top2, top3, top5 = ev.topk_accuracy(logits, targets, ks=(1, 2, 3, 5))
-    assert (top1, top2, top3) == (0.25, 0.75, 0.75)
-    assert top5 == 1.0  # k=5 > 4 classes: clipped to 4, everything is a hit
-    assert top1 == (logits.argmax(1) == targets).sum().item() / 4  # same tie rule as argmax
+    r = ev.evaluate(torch.nn.Identity(), [(logits, targets)], 4)  # the logits are the "model's" output
+    assert r["top1"] == 0.25
+    assert r["top5"] == 1.0  # k=5 > 4 classes: clipped to 4, everything is a hit
+    assert r["top1"] == (logits.argmax(1) == targets).sum().item() / 4  # same tie rule as argmax
 
 
 def test_confusion_matrix_and_zero_division():
@@ -172,6 +172,9 @@ def test_eval_json(cli):
     assert r["macs"] > 0 and r["train_seconds"] == 30.0
     assert 0 < r["latency_ms_batch1"] <= r["latency_ms_batch1_p90"] and r["images_per_second"] > 0
     assert r["timing_batch_size"] == 64
+    # what ran: fp32 (--amp auto evaluates in fp32 everywhere), channels_last (training's CPU
+    # default), no CUDA settings on the CPU
+    assert (r["amp"], r["channels_last"], r["tf32"], r["cudnn_benchmark"]) == ("fp32", True, None, None)
     assert 0 <= r["tta_top1"] <= 1 and r["tta"]["top1"] == r["tta_top1"]
     assert "top-1" in p.stdout and "top-5" in p.stdout and f"{r['top1']:.2%}" in p.stdout
     assert "flip-TTA" in p.stdout and "total parameters" in p.stdout  # --summary prints the table
@@ -305,6 +308,7 @@ def test_user_errors_are_one_line(ckpts, tmp_path):
     data = load_data("synthetic", image_size=SIZE, limit_test=LIMIT_TEST)
     five = make_checkpoint(build_model("resnet20", 5, 3, SIZE), data, tmp_path / "five" / "best.pt",
                            num_classes=5)
+    checkpoint.save({**torch.load(five, weights_only=True), "classes": None}, five)  # no names: the count
     cases.append(([str(five)], "has 10 classes"))
     for argv, words in cases:
         with pytest.raises(ValueError) as e:

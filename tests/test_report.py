@@ -1,7 +1,8 @@
-"""Reports over runs: evaluate.py's grouped comparison (seeds pooled as mean +- std, checked
+"""Reports over runs: compare.py's grouped comparison (seeds pooled as mean +- std, checked
 against numpy), the figures over runs (their plotted data checked against the runs' own
-numbers), and studies/report.py, which writes the README's study table from results/ (on
-fixture results here; the README itself is checked against the repo's results/)."""
+numbers), result files of the wrong shape, and studies/report.py, which writes the README's
+study table from results/ (on fixture results here; the README itself is checked against the
+repo's results/)."""
 import csv
 import importlib.util
 import json
@@ -11,9 +12,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import REPO
+from conftest import REPO, run_script
 
 import checkpoint
+import compare
 import evaluate as ev
 import train
 from data import load_data, make_loader
@@ -79,16 +81,17 @@ HIST = {  # hand-made per-epoch rows: test top-1, training loss, epoch seconds
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """Two seeds of lenet5, 6 steps each (the second without metrics.csv: its curves come from the
-    checkpoint's history) and one resnet20, evaluated together by evaluate.py's CLI main."""
+    checkpoint's history) and one resnet20, evaluated together by evaluate.py's CLI main (which
+    returns the runs it compared)."""
     root = tmp_path_factory.mktemp("report")
     ckpts = [make_run(root, "a-seed0", "lenet5", 0, HIST["a-seed0"], steps=6),
              make_run(root, "a-seed1", "lenet5", 1, HIST["a-seed1"], metrics_csv=False, steps=6),
              make_run(root, "b", "resnet20", 0, HIST["b"])]
     out = root / "out"
-    reports = ev.main(ev.get_args_parser().parse_args(
+    compared = ev.main(ev.get_args_parser().parse_args(
         [str(c) for c in ckpts] + ["--out", str(out), "--no-timing", "--device", "cpu", "--batch-size", "32"]))
     evals = {n: json.loads((out / n / "eval.json").read_text()) for n in HIST}
-    return root, out, reports, evals
+    return root, out, compared, evals
 
 
 def read_csv(path):
@@ -110,19 +113,19 @@ def test_group_rules():
             {"config": {**base, "seed": 4, "model_options": {"plain": True}}},  # 4: another model
             {"config": {}},                                   # 5: no recorded args
             {"config": {**base, "seed": 2}}]                  # 6 joins 0 and 1
-    got = [[runs.index(r) for r in g] for g in ev.group_runs(runs)]
+    got = [[runs.index(r) for r in g] for g in compare.group_runs(runs)]
     assert got == [[0, 1, 6], [2], [3], [4], [5]]
     same_seed = [{"config": {**base, "seed": 0}}, {"config": {**base, "seed": 0}}]  # best.pt + last.pt of one run
-    assert len(ev.group_runs(same_seed)) == 2
-    assert ev.group_label(["m-lr0.1-seed0/best.pt", "m-lr0.1-seed2/best.pt"], [0, 2]) == "m-lr0.1-seed{0,2}/best.pt"
-    assert ev.group_label(["x/best.pt", "y/best.pt"], [0, 1]) == "x/best.pt + y/best.pt"
-    m, s = ev.mean_std([0.1, 0.25, None, 0.4])
+    assert len(compare.group_runs(same_seed)) == 2
+    assert compare.group_label(["m-lr0.1-seed0/best.pt", "m-lr0.1-seed2/best.pt"], [0, 2]) == "m-lr0.1-seed{0,2}/best.pt"
+    assert compare.group_label(["x/best.pt", "y/best.pt"], [0, 1]) == "x/best.pt + y/best.pt"
+    m, s = compare.mean_std([0.1, 0.25, None, 0.4])
     assert (m, s) == (pytest.approx(np.mean([0.1, 0.25, 0.4])), pytest.approx(np.std([0.1, 0.25, 0.4], ddof=1)))
-    assert ev.mean_std([0.3]) == (0.3, None) and ev.mean_std([None]) == (None, None)
+    assert compare.mean_std([0.3]) == (0.3, None) and compare.mean_std([None]) == (None, None)
 
 
 def test_grouped_row_is_numpy_mean_and_std(runs):
-    root, out, reports, evals = runs
+    root, out, compared, evals = runs
     rows = read_csv(out / "comparison.csv")
     assert [r["run"] for r in rows] == ["a-seed{0,1}/best.pt", "b/best.pt"]
     assert [(r["n"], r["seeds"], r["model"]) for r in rows] == [("2", "0 1", "lenet5"), ("1", "0", "resnet20")]
@@ -154,9 +157,9 @@ def test_grouped_row_is_numpy_mean_and_std(runs):
 def test_curves_plot_the_group_means(runs):
     from matplotlib.image import imread
 
-    root, out, reports, evals = runs
-    groups = ev.summarize_groups(ev.load_runs(reports))
-    fig = ev.plot_runs_curves(groups)
+    root, out, compared, evals = runs
+    groups = compare.summarize_groups(compared)
+    fig = compare.plot_runs_curves(groups)
     top1_epoch, loss_epoch, top1_time, loss_time = fig.axes[:4]
     a = {k: np.array([[h[k] for h in HIST[n]] for n in ("a-seed0", "a-seed1")])
          for k in ("test_top1", "train_loss", "epoch_seconds")}
@@ -189,9 +192,9 @@ def test_curves_plot_the_group_means(runs):
 def test_tradeoff_plots_one_point_per_group(runs):
     from matplotlib.image import imread
 
-    root, out, reports, evals = runs
-    groups = ev.summarize_groups(ev.load_runs(reports))
-    fig = ev.plot_tradeoff(groups)
+    root, out, compared, evals = runs
+    groups = compare.summarize_groups(compared)
+    fig = compare.plot_tradeoff(groups)
     params, macs, latency = fig.axes[:3]
     top1 = [evals["a-seed0"]["top1"], evals["a-seed1"]["top1"]]
     # x is logarithmic past 20x: 62K vs 270K parameters stay linear, 0.2M vs 10M MACs do not
@@ -225,9 +228,9 @@ def test_twenty_runs_stay_readable(tmp_path):
                                     "params": 1e5 * 1.5 ** i, "macs": 1e7 * (i + 1), "latency_ms_batch1": 0.5 + i,
                                     "images_per_second": 1e3},
                          "history": history(top1, 2 - top1, [100.0] * 6)})
-    groups = ev.summarize_groups(runs)
+    groups = compare.summarize_groups(runs)
     assert len(groups) == 20 and [g["n"] for g in groups if g["n"] > 1] == [3, 3]
-    curves, tradeoff = ev.plot_runs_curves(groups, tmp_path / "c.png"), ev.plot_tradeoff(groups, tmp_path / "t.png")
+    curves, tradeoff = compare.plot_runs_curves(groups, tmp_path / "c.png"), compare.plot_tradeoff(groups, tmp_path / "t.png")
     for fig, axes in ((curves, curves.axes[:4]), (tradeoff, tradeoff.axes[:3])):
         FigureCanvasAgg(fig).draw()
         for ax in axes:
@@ -405,6 +408,54 @@ def test_compare_rebuilds_a_study_table_from_run_folders(tmp_path):
         assert (study / name).stat().st_size > 10_000
     with pytest.raises(ValueError, match="needs 2"):
         report.compare(study / "b")
+
+
+GOOD_EVAL = {"checkpoint": "/elsewhere/best.pt", "model": "lenet5", "dataset": "mnist", "epoch": 2, "top1": 0.5,
+             "top5": 0.9, "loss": 1.0, "train_seconds": 10.0, "params": 1000, "macs": 5000,
+             "latency_ms_batch1": None, "images_per_second": None, "device": "CPU (2 threads)", "device_type": "cpu"}
+BAD_FILES = [  # (file, its text, what the one line says; False: the README table does not read the file)
+    ("eval.json", "[0.5]", "a JSON list, expected an object", True),
+    ("eval.json", "{not json", "Expecting property name", True),
+    ("eval.json", json.dumps({k: v for k, v in GOOD_EVAL.items() if k != "top1"}), "top1 is None", True),
+    ("eval.json", json.dumps({**GOOD_EVAL, "top1": float("nan")}), "top1 is nan", True),
+    ("eval.json", json.dumps({**GOOD_EVAL, "top1": "0.5"}), "top1 is '0.5'", True),
+    ("eval.json", json.dumps({**GOOD_EVAL, "top1": 55.0}), "expected a fraction in [0, 1]", True),
+    ("eval.json", json.dumps({**GOOD_EVAL, "params": "many"}), "params is 'many'", True),
+    ("eval.json", json.dumps({**GOOD_EVAL, "device": 3}), "device is 3", True),
+    ("metrics.csv", "epoch,test_top1\n1,0.5\n2,abc\n", "could not convert string to float: 'abc'", False),
+    ("metrics.csv", "epoch,test_top1\n1,0.5,0.7\n", "more cells than columns", False),
+    ("metrics.csv", "epoch,test_top1\ninf,0.5\n", "cannot convert float infinity", False),
+    ("config.json", "[1, 2]", "a JSON list, expected an object", True),
+]
+
+
+@pytest.mark.parametrize("name,text,words,in_readme", BAD_FILES, ids=[f"{c[0]} {c[2][:30]}" for c in BAD_FILES])
+def test_result_files_of_the_wrong_shape(tmp_path, name, text, words, in_readme):
+    """A run whose eval.json / metrics.csv / config.json has the wrong shape: report.py --compare
+    leaves it out with one warning line naming the file; the README table, which must not lose a
+    run, stops with one error line naming it. Never a traceback."""
+    study = tmp_path / "results" / "depth_vs_lr"
+    for seed in range(3):
+        d = study / f"mnist-resnet18-lr0.1-seed{seed}"
+        d.mkdir(parents=True)
+        (d / "eval.json").write_text(json.dumps({**GOOD_EVAL, "checkpoint": f"/elsewhere/{d.name}/best.pt"}))
+        (d / "config.json").write_text(json.dumps({"model": "resnet18", "lr": 0.1, "epochs": 2, "seed": seed}))
+        train.write_metrics(history([0.3, 0.5], [1.5, 1.0], [5.0, 5.0]), d / "metrics.csv")
+    bad = study / "mnist-resnet18-lr0.1-seed2" / name
+    bad.write_text(text)
+    r = run_script("studies/report.py", "--compare", study)
+    assert r.returncode == 0 and r.stderr.startswith(f"warning: {bad}: ") and words in r.stderr, r.stderr
+    assert len(r.stderr.splitlines()) == 1 and "seed2" not in (study / "comparison_runs.csv").read_text()
+    assert [row["n"] for row in read_csv(study / "comparison.csv")] == ["2"]  # the other two, pooled
+
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{report.BEGIN}\n{report.END}\n")
+    r = run_script("studies/report.py", "--results", study.parent, "--readme", readme, "--check")
+    if in_readme:
+        assert r.returncode == 1 and r.stderr.startswith(f"error: {bad}: ") and words in r.stderr, r.stderr
+        assert len(r.stderr.splitlines()) == 1
+    else:
+        assert r.returncode == 1 and "differs" in r.stderr  # the table is read, and only the block is stale
 
 
 def test_readme_table_is_what_results_holds():

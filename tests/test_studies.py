@@ -106,7 +106,7 @@ def test_dry_runs_list_the_full_studies_with_valid_flags(tmp_path):
         assert set(runs) == {f"resnet{d}" for d in (20, 32, 44, 56, 110)} | {f"plain{d}" for d in (20, 32, 44, 56)}
         for a in runs.values():
             assert (a.epochs, a.milestones, a.weight_decay, a.lr, a.scheduler) == (epochs, milestones, 1e-4, 0.1, "multistep")
-        assert runs["plain56"].plain and runs["resnet56"].plain is None
+        assert runs["plain56"].plain and not runs["resnet56"].plain
         assert runs["resnet110"].warmup_epochs == 1
 
     r = ok(study("architectures", tmp_path / "a", DRY_RUN="1", DATA_CIFAR100="/d/c100", DATA_FMNIST="/d/fm",
