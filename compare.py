@@ -1,4 +1,5 @@
-"""Compare runs: tables and figures with a row, line or point per configuration, seeds pooled.
+"""A run's files (metrics.csv, curves.png) and the comparison over runs: tables and figures with a
+row, line or point per configuration, seeds pooled.
 
     python evaluate.py runs/depth-*/best.pt --out results/depth    # evaluates, then compares here
     python studies/report.py --compare results/depth_vs_lr          # again, from the runs' files alone
@@ -35,6 +36,8 @@ RUN_COLUMNS = ("run", "group", "seed", "model", "dataset", "params", "macs", "to
 # eval.json's fields read here and by studies/report.py: numbers (null allowed but for top1), texts
 NUMBERS = STATS + ("params", "macs", "latency_ms_batch1", "images_per_second")
 TEXTS = ("checkpoint", "device")
+METRIC_COLUMNS = ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_top1",
+                  "test_top5", "epoch_seconds", "images_per_second", "ema_test_top1"]
 
 
 def human(n):
@@ -97,6 +100,35 @@ def read_history(run_dir, fallback=None):
     except (TypeError, ValueError, OverflowError) as e:  # not a number; a list: more cells than columns
         raise ValueError(f"{path}: " + ("a row with more cells than columns" if isinstance(e, TypeError)
                                         else one_line(e, 100))) from None
+
+
+def write_metrics(history, path):
+    """A run's metrics.csv (train.py writes it every epoch; read_history reads it)."""
+    with replacing(path) as tmp, open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, METRIC_COLUMNS)
+        w.writeheader()
+        w.writerows({k: "" if row.get(k) is None else row[k] for k in METRIC_COLUMNS} for row in history)
+
+
+def plot_curves(history, path, title=""):
+    """One run's curves.png: loss and accuracy per epoch (integer epoch ticks)."""
+    from matplotlib.figure import Figure  # no pyplot: no global backend state
+    from matplotlib.ticker import MaxNLocator
+    fig, ep = Figure(figsize=(11, 4.3)), [r["epoch"] for r in history]
+    for ax, keys, scale, what in zip(fig.subplots(1, 2), (("train_loss", "val_loss", "test_loss"),
+                                                          ("train_acc", "val_acc", "test_top1")),
+                                     (1, 100), ("loss", "accuracy (%)")):
+        for key in keys:
+            if any(r.get(key) is not None for r in history):
+                ax.plot(ep, [scale * r[key] if r.get(key) is not None else None for r in history], marker=".",
+                        label=key.split("_")[0] + (" top-1" if key == "test_top1" else ""))
+        ax.set(xlabel="epoch", ylabel=what, title=what.split(" ")[0])
+        ax.grid(alpha=0.3)
+        ax.legend()
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.suptitle(title)
+    fig.tight_layout()
+    save_figure(fig, path, dpi=110)
 
 
 def load_run_dirs(dirs):

@@ -390,26 +390,3 @@ if __name__ == "__main__":
     d = pick_device("auto")
     print(f"device {d}: {device_name(d)}; CPU {cpu_name()}, {cpu_count()} CPUs, "
           f"vector extensions: {' '.join(cpu_flags()) or 'unknown'}; torch {torch.__version__}")
-
-
-# TEMP shims for the restructuring (deleted once every caller moved): the old names.
-def int_range(lo=None, hi=None):
-    return number(int, lo, hi)
-
-
-def float_range(lo=None, hi=None, *, lo_open=False, hi_open=False):
-    return number(float, lo, hi, lo_open=lo_open, hi_open=hi_open)
-
-
-@contextmanager
-def out_of_memory_as_error(hint):
-    try:
-        yield
-    except (MemoryError, RuntimeError) as e:
-        if not is_out_of_memory(e):
-            raise
-        raise ValueError(f"out of memory: {hint}") from None
-
-
-def amp_choice(name, device, *, training=False):
-    return pick_amp(name, device, training=training)

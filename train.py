@@ -30,14 +30,13 @@ import torch.distributed as dist
 import torch.nn as nn
 
 import checkpoint
+import compare
 import data
 import models
 from evaluate import evaluate
 from runtime import number
 
 AUX_WEIGHT = 0.3  # GoogLeNet paper: auxiliary losses weighted 0.3
-METRIC_COLUMNS = ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_top1",
-                  "test_top5", "epoch_seconds", "images_per_second", "ema_test_top1"]
 SWITCH = ("auto", "on", "off")
 # Every flag's default, in one place; a recipe below overrides some of them.
 DEFAULTS = dict(data_dir="data", epochs=30, batch_size=128, optimizer="sgd", momentum=0.9, nesterov=True,
@@ -400,37 +399,6 @@ def unwrap(model):
     return getattr(model, "module", model)
 
 
-# ----------------------------------------------------------------------------- files
-
-def write_metrics(history, path):
-    with runtime.replacing(path) as tmp, open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, METRIC_COLUMNS)
-        w.writeheader()
-        w.writerows({k: "" if row.get(k) is None else row[k] for k in METRIC_COLUMNS} for row in history)
-
-
-def plot_curves(history, path, title=""):
-    """Loss and accuracy per epoch (integer epoch ticks)."""
-    from matplotlib.figure import Figure  # no pyplot: no global backend state
-    from matplotlib.ticker import MaxNLocator
-    fig, ep = Figure(figsize=(11, 4.3)), [r["epoch"] for r in history]
-    for ax, keys, scale, what in zip(fig.subplots(1, 2), (("train_loss", "val_loss", "test_loss"),
-                                                          ("train_acc", "val_acc", "test_top1")),
-                                     (1, 100), ("loss", "accuracy (%)")):
-        for key in keys:
-            if any(r.get(key) is not None for r in history):
-                ax.plot(ep, [scale * r[key] if r.get(key) is not None else None for r in history], marker=".",
-                        label=key.split("_")[0] + (" top-1" if key == "test_top1" else ""))
-        ax.set(xlabel="epoch", ylabel=what, title=what.split(" ")[0])
-        ax.grid(alpha=0.3)
-        ax.legend()
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    fig.suptitle(title)
-    fig.tight_layout()
-    with runtime.replacing(path) as tmp:
-        fig.savefig(tmp, dpi=110)
-
-
 def plain(v):
     """JSON / weights_only-safe copy of an args value."""
     return list(v) if isinstance(v, tuple) else v
@@ -642,7 +610,7 @@ def save_epoch(run, out, val, writer=None):
     if improved or val is None:
         run["best_val"] = val["top1"] if val else run["best_val"]
         checkpoint.link(out / "last.pt", out / "best.pt")
-    write_metrics(run["history"], out / "metrics.csv")
+    compare.write_metrics(run["history"], out / "metrics.csv")
     for k, v in row.items():
         if writer is not None and k != "epoch" and v is not None:
             writer.add_scalar(k, v, row["epoch"])
@@ -660,7 +628,7 @@ def epoch_line(r, epochs):
 def finish(run, out, session_seconds):
     """curves.png and the closing summary line."""
     a, history = run["a"], run["history"]
-    plot_curves(history, out / "curves.png", f"{a.model} on {a.dataset}, run {out.name}")
+    compare.plot_curves(history, out / "curves.png", f"{a.model} on {a.dataset}, run {out.name}")
     last = history[-1]
     best = max((r for r in history if r.get("val_acc") is not None), key=lambda r: r["val_acc"], default=None)
     print(f"done: {a.model} on {a.dataset}, {last['epoch']} epochs"

@@ -67,7 +67,7 @@ def make_run(root, name, model, seed, hist, metrics_csv=True, steps=0, **args):
                                     args=a, epoch=len(hist), model=net.state_dict(), history=hist)
     checkpoint.save(ck, d / "best.pt")
     if metrics_csv:
-        train.write_metrics(hist, d / "metrics.csv")
+        compare.write_metrics(hist, d / "metrics.csv")
     return d / "best.pt"
 
 
@@ -389,7 +389,7 @@ def test_compare_rebuilds_a_study_table_from_run_folders(tmp_path):
             "checkpoint": f"/elsewhere/{name}/best.pt", "model": name[0], "dataset": "folder", "epoch": 2,
             "top1": top1, "top5": top5, "loss": loss, "train_seconds": secs, "params": 1000, "macs": 5000,
             "latency_ms_batch1": None, "images_per_second": None}))
-        train.write_metrics(history([top1 - 0.1, top1], [loss + 1, loss], [secs / 2] * 2), d / "metrics.csv")
+        compare.write_metrics(history([top1 - 0.1, top1], [loss + 1, loss], [secs / 2] * 2), d / "metrics.csv")
     (study / "diverged.txt").write_text("a-seed3\n")
     with open(study / "comparison.csv", "w", newline="") as f:  # the old per-run table: b came first
         w = csv.writer(f)
@@ -440,7 +440,7 @@ def test_result_files_of_the_wrong_shape(tmp_path, name, text, words, in_readme)
         d.mkdir(parents=True)
         (d / "eval.json").write_text(json.dumps({**GOOD_EVAL, "checkpoint": f"/elsewhere/{d.name}/best.pt"}))
         (d / "config.json").write_text(json.dumps({"model": "resnet18", "lr": 0.1, "epochs": 2, "seed": seed}))
-        train.write_metrics(history([0.3, 0.5], [1.5, 1.0], [5.0, 5.0]), d / "metrics.csv")
+        compare.write_metrics(history([0.3, 0.5], [1.5, 1.0], [5.0, 5.0]), d / "metrics.csv")
     bad = study / "mnist-resnet18-lr0.1-seed2" / name
     bad.write_text(text)
     r = run_script("studies/report.py", "--compare", study)
