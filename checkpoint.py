@@ -326,7 +326,8 @@ def torchvision_weights(name, weights="DEFAULT", image_size=None):
         if os.path.exists(path):
             raise WeightsError(f"cannot read {path} ({reason}); delete it to download it again") from None
         raise WeightsError(f"{w} is not in the torch hub cache and could not be downloaded ({reason}): "
-                           f"put {file} (from {w.url}) at {path} ($TORCH_HOME/hub/checkpoints)") from None
+                           f"put {file} (from {w.url}) at {path} ($TORCH_HOME/hub/checkpoints/"
+                           f"{file})") from None
     t = w.transforms()
     mean, std = list(t.mean), list(t.std)
     if name == "googlenet":

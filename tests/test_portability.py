@@ -34,7 +34,7 @@ def test_scripts_run_without_sched_getaffinity(tmp_path, monkeypatch, capsys):
     train.main(args)  # folder decode (thread pool), training, checkpoint, plots
     reports = evaluate.main(evaluate.get_args_parser().parse_args(
         [str(tmp_path / "run" / "best.pt"), "--no-timing", "--device", "cpu"]))
-    assert reports[0]["n"] == 4
+    assert reports[0]["report"]["n"] == 4
 
 
 @pytest.fixture

@@ -140,8 +140,7 @@ def test_predict_without_torch_equals_evaluate(tmp_path, folder):
     ck, model = trained_ish_checkpoint(tmp_path / "m.pt", folder)
     export.main(export.get_args_parser().parse_args([str(tmp_path / "m.pt")]))
     # evaluate.py's predictions on the test split, through its own data loading and evaluate()
-    args = evaluate.get_args_parser().parse_args([str(tmp_path / "m.pt")])
-    _, data, split = evaluate.load_eval_data(ck, tmp_path / "m.pt", args)
+    split = checkpoint.checkpoint_data(checkpoint.check_fields(ck, "m.pt"), tmp_path / "m.pt").test
     loader = make_loader(split, mean=ck["mean"], std=ck["std"], batch_size=7, train=False, workers=0)
     res = evaluate.evaluate(model, loader, len(CLASSES), keep_predictions=True)
     files = sorted((folder / "test").rglob("*.*"), key=lambda f: (CLASSES.index(f.parent.name), f.name))
