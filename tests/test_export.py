@@ -233,6 +233,11 @@ def test_aoti_package_runs_in_cpp(tmp_path, run):
     assert [int(rank) for _, rank, *_ in lines] == [1, 2, 3, 4, 5]
     assert all(image == str(tmp_path / "img.ppm") for image, *_ in lines)
     assert all(name == ck["classes"][int(index)] for _, _, index, name, _ in lines)
+    # The package runs where it was compiled: another --device is refused before anything loads.
+    wrong = subprocess.run([str(build / "classify"), str(tmp_path / "lenet.pt2"), str(tmp_path / "img.ppm"),
+                            "--device", "cuda"], capture_output=True, text=True, timeout=120)
+    assert wrong.returncode == 1 and not wrong.stdout and len(wrong.stderr.strip().splitlines()) == 1
+    assert wrong.stderr.startswith("error: --device cuda: ") and "was compiled for cpu" in wrong.stderr
 
     with torch.no_grad():  # the probabilities of data.py's input for the same pixels
         prob = model(data_py_inputs(tmp_path / "one", [rgb], 28, 1, ck["mean"], ck["std"])).softmax(1)[0]
