@@ -95,6 +95,10 @@ def test_onnx_matches_pytorch(tmp_path, name, in_channels, image_size, options):
     assert json.loads(meta["classes"]) == ck["classes"]
     assert json.loads(meta["mean"]) == ck["mean"] and json.loads(meta["std"]) == ck["std"]
     assert int(meta["image_size"]) == image_size and int(meta["in_channels"]) == in_channels
+    # what a client needs to preprocess alone: channel order and the resize rule
+    assert meta["channel_order"] == {1: "GRAY", 3: "RGB"}[in_channels]
+    assert meta["resize"].startswith(f"stretch to {image_size}x{image_size}")
+    assert "antialiased bilinear" in meta["resize"]
 
 
 def test_fp16_and_static_batch(tmp_path):
@@ -366,5 +370,5 @@ def test_int8_check_fails_when_int8_loses_accuracy(tmp_path, monkeypatch):
     monkeypatch.setattr(export, "normalized_batches", labelled_by_fp32)
     monkeypatch.setattr(export, "ort_session", broken_int8)
     with pytest.raises(ValueError, match=r"check failed: int8 top-1 .* points below fp32 100\.00%") as e:
-        export.check_int8(tmp_path / "m.onnx", tmp_path / "m.int8.onnx", ck, args, data, "cpu", 1)
+        export.check_int8(tmp_path / "m.onnx", tmp_path / "m.int8.onnx", ck, args, data, 1)
     assert "\n" not in str(e.value)
