@@ -166,12 +166,10 @@ def tensorrt_options(path, inp, batch_size):
     engine. The cache files are named after the model's bytes: onnxruntime's own key hashes the
     file name and graph but not the weights, so a re-exported best.onnx would get the old engine."""
     path = Path(path)
-    user = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "deeper-networks-tensorrt"
-    for cache in (path.with_name(path.name + ".tensorrt"), user):
-        with contextlib.suppress(OSError):
-            cache.mkdir(parents=True, exist_ok=True)
-            if os.access(cache, os.W_OK):
-                break
+    cache = path.with_name(path.name + ".tensorrt")
+    if not os.access(path.parent, os.W_OK):
+        cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "deeper-networks-tensorrt"
+    cache.mkdir(parents=True, exist_ok=True)
     options = {"trt_engine_cache_enable": "1", "trt_engine_cache_path": str(cache),
                "trt_engine_cache_prefix": "sha256_" + hashlib.sha256(path.read_bytes()).hexdigest()[:20]}
     if not isinstance(inp.shape[0], int):
@@ -192,11 +190,11 @@ class Model:
             ort.preload_dlls()  # CUDA / cuDNN from the nvidia-* wheels of onnxruntime-gpu[cuda,cudnn]
         ort.set_default_logger_severity(3)  # errors only
         trt = chain[0] == PROVIDERS["tensorrt"]
-        try:  # TensorRT: the input's name and size first (a CPU session), for its profile
+        try:  # TensorRT: a CPU session first, for the input's name and size (its profile)
             self.sess = ort.InferenceSession(str(path), providers=chain[-1:] if trt else chain)
             if trt:
-                self.sess.set_providers([(chain[0], tensorrt_options(path, self.sess.get_inputs()[0], batch_size)),
-                                         *chain[1:]])
+                options = tensorrt_options(path, self.sess.get_inputs()[0], batch_size)
+                self.sess.set_providers([(chain[0], options), *chain[1:]])
         except Exception as e:  # onnxruntime raises its own exception types for bad files
             raise PredictError(f"cannot load {path}: {str(e).strip().splitlines()[0][:300]}") from None
         self.provider = self.sess.get_providers()[0]
