@@ -10,6 +10,10 @@ Configurations (--configs), each through train.py's train_one_epoch: eager (fp32
 bf16, compile, threads (--threads auto), auto (what a run of --auto-steps picks), auto_no_compile,
 classic (kuangliu/pytorch-cifar: PIL transforms in a Dataset, DataLoader with workers). They take
 turns for --rounds rounds, so that load from other jobs hits all alike (docs/performance.md).
+On CUDA every configuration runs with TF32 and cudnn.benchmark on: rows say tf32, not fp32.
+Row field peak_memory_gib (CUDA): the most device memory the configuration needs as if alone: what
+it holds (allocated while it was built or left by its steps) plus the peak of its steps above what
+was allocated as they began; the other configurations' copies, alive to take turns, are not counted.
 """
 import argparse
 import copy
@@ -154,10 +158,35 @@ def loader_benchmark(args, device, d):
 
 # ----------------------------------------------------------------------------- training speed
 
+class PeakMemory:
+    """Device memory of one configuration as if it ran alone (module docstring), over start..stop."""
+
+    def __init__(self, device):
+        self.device, self.held, self.peak = device, 0, 0
+
+    def start(self):
+        if self.device.type == "cuda":
+            self.before = torch.cuda.memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def stop(self):
+        if self.device.type == "cuda":
+            self.peak = max(self.peak, self.held + torch.cuda.max_memory_allocated(self.device) - self.before)
+            self.held += torch.cuda.memory_allocated(self.device) - self.before
+
+
+def precision(amp, device):
+    """What a configuration computes in: fp32 matmuls and convolutions are tf32 on CUDA with TF32 on."""
+    tf32 = amp is None and device.type == "cuda" and torch.backends.cudnn.allow_tf32
+    return "tf32" if tf32 else runtime.dtype_name(amp)
+
+
 class Trainer:
     """One configuration: its own model copy, optimizer, loader and thread count."""
 
     def __init__(self, name, base_model, d, device, args, speed, default_threads):
+        self.memory = PeakMemory(device)
+        self.memory.start()  # what building it allocates is its own
         self.name, self.device, self.speed = name, device, speed
         self.threads = speed["threads"] if device.type == "cpu" else default_threads
         torch.set_num_threads(self.threads)
@@ -175,18 +204,22 @@ class Trainer:
                                                nesterov=True, weight_decay=5e-4)
         self.schedule = train.Schedule(self.optimizer, "none", 1, 1)
         self.scaler = torch.amp.GradScaler(device.type, enabled=speed["amp"] == torch.float16)
-        self.what = f"PIL + DataLoader {args.classic_workers} workers, fp32 eager" if classic else " + ".join(
-            [runtime.dtype_name(speed["amp"])] + [k for k in ("channels_last", "compile") if speed[k]])
+        self.precision = precision(speed["amp"], device)
+        self.what = f"PIL + DataLoader {args.classic_workers} workers, {self.precision} eager" if classic \
+            else " + ".join([self.precision] + [k for k in ("channels_last", "compile") if speed[k]])
         self.wall, self.cpu, self.images, self.rounds = 0.0, 0.0, 0, []
+        self.memory.stop()
 
     def run(self, n, timed=True):
         """n training steps (the device done at the end) -> seconds; timed ones add to the totals."""
         torch.set_num_threads(self.threads)
         w0, c0 = time.perf_counter(), time.process_time()
+        self.memory.start()
         _, _, seen = train.train_one_epoch(self.net, Steps(self.stream, n), self.optimizer, self.schedule,
                                            self.scaler, nn.CrossEntropyLoss(), epoch=0, device=self.device,
                                            amp_dtype=self.speed["amp"])
         synchronize(self.device)
+        self.memory.stop()
         wall, cpu = time.perf_counter() - w0, time.process_time() - c0
         if timed:
             self.wall, self.cpu, self.images = self.wall + wall, self.cpu + cpu, self.images + seen
@@ -236,8 +269,6 @@ def main(args):
         wanted = [c for c in configs if (c != "classic" or name in classic_models)
                   and (name in args.models or c in ("eager", "auto"))]
         trainers = [Trainer(c, base, d, device, args, table[c], default_threads) for c in wanted]
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
         for t in trainers:
             t.warmup_seconds = t.run(max(2, args.warmup // 4) if t.name == "classic" else args.warmup, False)
             print(f"{name} {t.name}: warm-up {t.warmup_seconds:.1f}s", flush=True)
@@ -248,15 +279,16 @@ def main(args):
             print(f"{name} round {r + 1}/{args.rounds}: load {loads[-1][0]}, "
                   + ", ".join(f"{t.name} {t.rounds[-1]:,.0f}" for t in trainers), flush=True)
         eager = next((t for t in trainers if t.name == "eager"), None)
-        gib = round(torch.cuda.max_memory_allocated(device) / 2**30, 3) if kind == "cuda" else None
         for t in trainers:
-            ips, on_cpu = t.images / t.wall, device.type == "cpu"
-            rows.append(dict(model=name, config=t.name, what=t.what, threads=t.threads, batch_size=t.batch,
-                             images_per_second=round(ips, 1), gflops=round(ips * 6 * macs / 1e9, 1),
+            ips, on_cpu, gib = t.images / t.wall, device.type == "cpu", t.memory.peak / 2**30
+            layout = "channels_last" if t.speed["channels_last"] else "NCHW"
+            rows.append(dict(model=name, config=t.name, what=t.what, precision=t.precision, layout=layout,
+                             threads=t.threads, batch_size=t.batch, images_per_second=round(ips, 1),
+                             gflops=round(ips * 6 * macs / 1e9, 1),
                              vs_eager=round(ips * eager.wall / eager.images, 2) if eager else None,
                              images_per_cpu_second=round(t.images / t.cpu, 1) if on_cpu else None,
                              round_images_per_second=t.rounds, warmup_seconds=round(t.warmup_seconds, 2),
-                             forward_macs=macs, peak_memory_gib=gib))
+                             forward_macs=macs, peak_memory_gib=round(gib, 3) if kind == "cuda" else None))
         del trainers, base
         torch._dynamo.reset()  # the next model starts with empty compile caches
     meta["load_average_per_round"] = loads

@@ -7,13 +7,14 @@
     python export.py runs/demo/best.pt --int8 --check         # + best.int8.onnx (512 training images)
 
 ONNX: input "input" N x C x H x W float32, output "logits"; metadata_props hold classes, mean,
-std, image_size, in_channels and the model (docs/deploy.md). --int8: QDQ, calibrated on training
-images. --check: against PyTorch on random and real test images, exit 1 past --tolerance.
---benchmark: eager, torch.compile, the .pt2, onnxruntime: a table and <stem>.benchmark.json.
+std, image_size, in_channels, channel order, resize rule and the model (docs/deploy.md). --int8:
+QDQ for onnxruntime's CPU provider, calibrated on training images. --check: against PyTorch on
+random and real test images, exit 1 past --tolerance. --benchmark: eager, torch.compile, the .pt2,
+onnxruntime: a table and <stem>.benchmark.json; each row says its precision, layout and TF32.
 """
 import argparse
+import contextlib
 import copy
-import ctypes
 import json
 import sys
 import time
@@ -26,13 +27,15 @@ import onnxruntime as ort  # after torch: onnxruntime-gpu then finds the CUDA/cu
 
 from checkpoint import checkpoint_data, load_checkpoint, model_from_checkpoint
 from data import make_loader
+from predict import PROVIDERS, TENSORRT, auto_provider, loads
 from runtime import (device_name, ensure_fits, forward_bytes, number, one_line, pick_device, replacing,
                      run_cli, synchronize, time_calls, write_text)
 
 AOTI_META_FORMAT = "deeper-networks-aoti/1"
 EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's 2 GB cap, with room for the graph itself
-PROVIDERS = {"tensorrt": "TensorrtExecutionProvider", "cuda": "CUDAExecutionProvider",
-             "cpu": "CPUExecutionProvider"}
+# TensorRT builds TF32 engines and onnxruntime 1.31 has no option to stop it: TF32's 10-bit mantissa
+# moves the logits by ~1e-3 of the largest one (measured by rounding conv/linear inputs on the CPU).
+TF32_TOLERANCE = 1e-2
 MIN_OPSET = 18  # torch.export's ONNX exporter starts here; its down-conversion fails (e.g. for Pad)
 
 
@@ -95,8 +98,12 @@ def export_onnx(model, info, path, *, opset=18, dynamic_batch=True, fp16=False):
     written = program.model.opset_imports.get("", program.model.opset_imports.get("ai.onnx"))
     if written != opset:  # the exporter falls back to its own opset when it cannot convert
         raise ValueError(f"--opset {opset}: the exporter wrote opset {written} instead; nothing written")
+    size = info["image_size"]
     meta = {**info, "input_name": "input", "output_name": "logits", "precision": "fp16" if fp16 else "fp32",
-            "layout": "NCHW, float32, normalized: (pixel / 255 - mean) / std"}
+            "layout": "NCHW, float32, normalized: (pixel / 255 - mean) / std",
+            "channel_order": {1: "GRAY", 3: "RGB"}.get(info["in_channels"]),  # GRAY: PIL's convert("L")
+            "resize": f"stretch to {size}x{size} (no crop, aspect ratio not kept), antialiased bilinear "
+                      "(torchvision's resize = PIL's triangle filter) on uint8 pixels, rounded to uint8"}
     program.model.metadata_props.update(  # str -> str: lists and dicts as JSON
         {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items() if v is not None})
     path = Path(path)
@@ -125,7 +132,8 @@ def export_aoti(model, info, path, *, device, dynamic_batch=True, fp16=False):
 def ort_session(path, provider, *, threads=None, batch_shape=None, exact=False):
     """An InferenceSession on exactly `provider` ('tensorrt' | 'cuda' | 'cpu'); ValueError when that
     provider cannot run here. batch_shape (N, C, H, W): the only shape it will see (CUDA graphs, a
-    TensorRT profile). exact: CUDA without TF32 (for --check: measure the export, not the arithmetic)."""
+    TensorRT profile). exact: CUDA without TF32 (for --check: measure the export, not the arithmetic;
+    TensorRT has no such option: --check gives it TF32_TOLERANCE)."""
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.log_severity_level = 3  # errors only: no per-node placement warnings
@@ -142,6 +150,8 @@ def ort_session(path, provider, *, threads=None, batch_shape=None, exact=False):
         trt["trt_cuda_graph_enable"] = "1"
     options = {PROVIDERS["tensorrt"]: trt, PROVIDERS["cuda"]: cuda, PROVIDERS["cpu"]: {}}
     name = PROVIDERS[provider]
+    if provider == "tensorrt":
+        loads(TENSORRT)  # also from pip's TensorRT wheel, whose folder the loader does not search
     available = ort.get_available_providers()
     if name not in available:
         raise ValueError(f"onnxruntime {ort.__version__} has no {name} (it has {', '.join(available)})")
@@ -154,37 +164,40 @@ def ort_session(path, provider, *, threads=None, batch_shape=None, exact=False):
 
 
 def pick_provider(name, device):
-    """auto: on a GPU TensorRT when its library loads, else CUDA; CPU otherwise."""
+    """auto: on a GPU TensorRT when its library loads, else CUDA (saying why on stderr); CPU otherwise."""
     if name not in ("auto", "cpu") and device.type != "cuda":
         raise ValueError(f"--provider {name} needs a CUDA device (--device cuda)")
     if name != "auto" or device.type != "cuda":
         return "cpu" if name == "auto" else name
-    try:
-        ctypes.CDLL("libnvinfer.so.10")  # onnxruntime-gpu lists TensorRT even where TensorRT is not installed
-    except OSError:
-        return "cuda"
-    return "tensorrt" if PROVIDERS["tensorrt"] in ort.get_available_providers() else "cuda"
+    name = auto_provider(ort.get_available_providers())
+    return "cuda" if name == "cpu" else name  # a CPU-only onnxruntime: ort_session says so in one line
 
 
 class OrtRunner:
     """Runs a session on torch tensors. On CUDA, input and output stay on the GPU (I/O binding with
-    the torch buffers' addresses): no host copies, as PyTorch has none."""
+    the torch buffers' addresses): no host copies, as PyTorch has none. graphs: the session replays
+    CUDA graphs, which read the addresses bound at capture: its first input buffer stays bound (and
+    referenced), other buffers are copied into it, another shape is refused."""
 
-    def __init__(self, sess):
-        self.sess, self.binding, self.key = sess, None, None
+    def __init__(self, sess, graphs=False):
+        self.sess, self.graphs, self.binding, self.x = sess, graphs, None, None
         self.on_cpu = sess.get_providers()[0] == PROVIDERS["cpu"]
 
     def __call__(self, x):
         if self.on_cpu:
             return torch.from_numpy(self.sess.run(["logits"], {"input": x.cpu().contiguous().numpy()})[0])
         x = x.contiguous()
-        key = (tuple(x.shape), x.data_ptr())
-        if key != self.key:  # CUDA graphs replay fixed addresses: bind once per buffer
+        if self.graphs and self.x is not None:
+            if x.shape != self.x.shape:
+                raise ValueError(f"a CUDA-graph session runs {list(self.x.shape)} only, not {list(x.shape)}")
+            if x.data_ptr() != self.x.data_ptr():
+                self.x.copy_(x)
+                synchronize(x.device)  # onnxruntime reads it on a stream of its own
+        elif self.x is None or (x.shape, x.data_ptr()) != (self.x.shape, self.x.data_ptr()):
             out = self.out = torch.empty(x.shape[0], self.sess.get_outputs()[0].shape[1], device=x.device)
-            self.binding, dev = self.sess.io_binding(), x.device.index or 0
+            self.binding, dev, self.x = self.sess.io_binding(), x.device.index or 0, x
             self.binding.bind_input("input", "cuda", dev, np.float32, list(x.shape), x.data_ptr())
             self.binding.bind_output("logits", "cuda", dev, np.float32, list(out.shape), out.data_ptr())
-            self.key = key
         self.sess.run_with_iobinding(self.binding)
         return self.out
 
@@ -211,10 +224,24 @@ def normalized_batches(split, ck, batch_size):
         yield x.cpu().numpy(), y.cpu().numpy()
 
 
-def check(runners, model, ck, args, device, real=None):
+@contextlib.contextmanager
+def cuda_flags(tf32, benchmark=False):
+    """TF32 (cuBLAS and cuDNN) and cuDNN's algorithm search for a block, as they were after it."""
+    b = torch.backends
+    saved = b.cuda.matmul.allow_tf32, b.cudnn.allow_tf32, b.cudnn.benchmark
+    b.cuda.matmul.allow_tf32 = b.cudnn.allow_tf32 = tf32
+    b.cudnn.benchmark = benchmark
+    try:
+        yield
+    finally:
+        b.cuda.matmul.allow_tf32, b.cudnn.allow_tf32, b.cudnn.benchmark = saved
+
+
+@cuda_flags(tf32=False)  # the .pt2 (and any torch runner) in full fp32, as the CPU reference
+def check(runners, model, ck, args, device, real=None, tf32=()):
     """Every exported artifact vs PyTorch eager fp32 on the CPU, one line each: max |diff|, also
-    relative to the logit scale (max |logit|), and top-1 agreement. ValueError past tolerance."""
-    tolerance = args.tolerance or (3e-2 if args.fp16 else 1e-4)
+    relative to the logit scale (max |logit|), and top-1 agreement. ValueError past tolerance.
+    tf32: names of runners that cannot turn TF32 off (TensorRT): they get TF32_TOLERANCE."""
     c, s = ck["in_channels"], ck["image_size"]
     inputs = {"random (7 images)": torch.randn(7, c, s, s, generator=torch.Generator().manual_seed(0))}
     if real is not None:
@@ -229,9 +256,12 @@ def check(runners, model, ck, args, device, real=None):
                              for chunk in x.split(len(x) if args.dynamic_batch else 1)])
             diff = (out - ref).abs().max().item()
             agree = (out.argmax(1) == ref.argmax(1)).float().mean().item()
+            tolerance = args.tolerance or (3e-2 if args.fp16 else TF32_TOLERANCE if name in tf32 else 1e-4)
             ok = diff <= tolerance * scale
+            tf = ", TF32 on (TensorRT)" if name in tf32 else ", TF32 off" if device.type == "cuda" else ""
             print(f"check {name:<4} {what:<18} max |diff| {diff:.2e} = {diff / scale:.2e} of max |logit| "
-                  f"{scale:.3g}, top-1 agreement {agree:.2%}  {'ok' if ok else 'FAIL'}")
+                  f"{scale:.3g}, top-1 agreement {agree:.2%}{tf}, tolerance {tolerance:g}  "
+                  f"{'ok' if ok else 'FAIL'}")
             if not ok:
                 failures.append(f"{name} on {what}: max |diff| {diff:.2e} is {diff / scale:.2e} of the logit "
                                 f"scale, over the tolerance {tolerance:g}")
@@ -269,7 +299,9 @@ def calibration_batches(ck, args, data):
 def quantize_int8(onnx_path, int8_path, batches, calibration):
     """onnxruntime's static quantization: pre-processing, then QDQ with per-channel int8 weights and
     uint8 activations (the pair x86 CPUs run fastest: VPMADDUBSW / VNNI), min/max ranges from
-    `batches`. The fp32 file's metadata is carried over, with precision int8 and the calibration."""
+    `batches`. The fp32 file's metadata is carried over, with precision int8 and the calibration.
+    For the CPU only: TensorRT refuses uint8 activations with zero points, and the CUDA provider runs
+    such a file as fp32 convolutions between Quantize/DequantizeLinear (slower than fp32, not int8)."""
     import onnx
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -291,11 +323,11 @@ def quantize_int8(onnx_path, int8_path, batches, calibration):
     return Path(int8_path)
 
 
-def check_int8(onnx_path, int8_path, ck, args, data, provider, threads):
-    """fp32 and int8 top-1 on the test split and their agreement (on random inputs agreement only);
-    ValueError when int8 loses more than --int8-max-drop points."""
-    fp32 = ort_session(onnx_path, provider, threads=threads, exact=True)
-    int8 = ort_session(int8_path, provider, threads=threads)
+def check_int8(onnx_path, int8_path, ck, args, data, threads):
+    """fp32 and int8 top-1 on the test split and their agreement (on random inputs agreement only),
+    on the CPU provider, the one the file is for; ValueError when int8 loses > --int8-max-drop points."""
+    fp32 = ort_session(onnx_path, "cpu", threads=threads)
+    int8 = ort_session(int8_path, "cpu", threads=threads)
     step = 256 if args.dynamic_batch else 1  # a static-batch export takes one image at a time
     run = lambda sess, x: np.concatenate([sess.run(["logits"], {"input": x[i:i + step]})[0].argmax(1)  # noqa
                                           for i in range(0, len(x), step)])
@@ -321,9 +353,10 @@ def check_int8(onnx_path, int8_path, ck, args, data, provider, threads):
 
 
 # --------------------------------------------------------------------------- benchmark
+@cuda_flags(tf32=True, benchmark=True)  # as onnxruntime: TF32 (TensorRT cannot turn it off), algorithm search
 def benchmark(model, info, onnx_path, aoti_path, args, device, provider, threads, rounds=5, int8_path=None):
-    """Rows of {runtime, batch, median_ms, p90_ms, images_per_second, setup_s}. The runtimes take
-    turns, `rounds` times, so that load from elsewhere on the machine slows them alike."""
+    """Rows of {runtime, batch, median_ms, p90_ms, images_per_second, setup_s, precision, layout,
+    tf32}. The runtimes take turns, `rounds` times, so that load from elsewhere slows them alike."""
     module = (Float16(model) if args.fp16 else copy.deepcopy(model)).to(device)
     onnx_files = {f"onnxruntime {provider}": onnx_path, f"onnxruntime {provider} int8": int8_path}
     rows = []
@@ -347,7 +380,7 @@ def benchmark(model, info, onnx_path, aoti_path, args, device, provider, threads
             fixed = tuple(x.shape) if provider != "cpu" else None
             for name, path in onnx_files.items():
                 make = lambda shape: lambda: OrtRunner(  # noqa: E731
-                    ort_session(path, provider, threads=threads, batch_shape=shape))
+                    ort_session(path, provider, threads=threads, batch_shape=shape), graphs=shape is not None)
                 try:
                     if path is not None:
                         build(name, make(fixed))
@@ -366,9 +399,11 @@ def benchmark(model, info, onnx_path, aoti_path, args, device, provider, threads
                     times[name] += time_calls(lambda: fn(x), device=device, warmup=1, repeats=n)
         for name, t in times.items():
             med = float(np.median(t))
+            precision = "int8" if name.endswith("int8") else "fp16" if args.fp16 else "fp32"
             rows.append({"runtime": name, "batch": batch, "median_ms": med * 1e3,
                          "p90_ms": float(np.percentile(t, 90)) * 1e3, "images_per_second": batch / med,
-                         "setup_s": setup.get(name)})
+                         "setup_s": setup.get(name), "precision": precision, "layout": "NCHW",
+                         "tf32": device.type == "cuda" and precision == "fp32"})
     return rows
 
 
@@ -489,23 +524,30 @@ def main(args):
         if aoti_path:
             runners["aoti"] = torch._inductor.aoti_load_package(str(aoti_path))
         with torch.inference_mode():
-            check(runners, model, ck, args, device, real)
+            check(runners, model, ck, args, device, real, tf32=("onnx",) if provider == "tensorrt" else ())
         if int8_path:
-            check_int8(onnx_path, int8_path, ck, args, data8, provider, threads)
+            check_int8(onnx_path, int8_path, ck, args, data8, threads)
     if args.benchmark:
+        int8_note = None if provider == "cpu" or not int8_path else (
+            f"int8 not timed on {provider}: the QDQ file is for onnxruntime's CPU provider (on {provider} "
+            "it would run fp32 convolutions between Quantize/DequantizeLinear, not int8)")
+        if int8_note:
+            print(f"note: {int8_note}")
         rows = benchmark(model, info, onnx_path, aoti_path, args, device, provider, threads,
-                         int8_path=int8_path)
-        print("| runtime | batch | median ms | p90 ms | images/s | setup s |\n|---|---:|---:|---:|---:|---:|")
+                         int8_path=None if int8_note else int8_path)
+        print("| runtime | batch | median ms | p90 ms | images/s | setup s | ran |\n"
+              "|---|---:|---:|---:|---:|---:|---|")
         for r in rows:
             print(f"| {r['runtime']} | {r['batch']} | {r['median_ms']:.3f} | {r['p90_ms']:.3f} | "
-                  f"{r['images_per_second']:,.0f} | {'' if r['setup_s'] is None else r['setup_s']} |")
+                  f"{r['images_per_second']:,.0f} | {'' if r['setup_s'] is None else r['setup_s']} | "
+                  f"{r['precision']}, {r['layout']}, TF32 {'on' if r['tf32'] else 'off'} |")
         report = {"checkpoint": str(args.checkpoint), "onnx": str(onnx_path), "model": info["model_name"],
                   "input_shape": list(shape), "precision": "fp16" if args.fp16 else "fp32",
                   "device": device_name(device), "torch": torch.__version__, "onnxruntime": ort.__version__,
                   "provider": provider, "intra_op_threads": threads if device.type == "cpu" else None,
                   "warmup": args.warmup, "repeats": args.repeats, "results": rows}
         if int8_path:
-            report.update(int8_onnx=str(int8_path), int8_calibration=calibration)
+            report.update(int8_onnx=str(int8_path), int8_calibration=calibration, int8_note=int8_note)
         json_path = onnx_path.with_suffix(".benchmark.json")
         write_text(json_path, json.dumps(report, indent=2) + "\n")
         print(f"wrote {json_path}")

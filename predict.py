@@ -12,7 +12,9 @@ evaluate.py's. Output: `<image>\\t<rank>\\t<class index>\\t<class name>\\t<proba
 (cpp/classify's format) or --json. Exit 0; 1 on an error (one line); 2 on bad usage; 130 on Ctrl-C.
 """
 import argparse
+import contextlib
 import ctypes
+import hashlib
 import json
 import math
 import os
@@ -27,8 +29,9 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".webp")  # what data.py re
 GRAY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")  # Pillow modes data.py decodes as gray
 PROVIDERS = {"tensorrt": "TensorrtExecutionProvider", "cuda": "CUDAExecutionProvider",
              "cpu": "CPUExecutionProvider"}
+TENSORRT = "libnvinfer.so.10"  # TensorRT 10: what onnxruntime-gpu 1.31 links (pip's tensorrt 11.x is not it)
 # What a provider needs besides onnxruntime-gpu, checked first: one line instead of onnxruntime's log.
-NEEDS = {"cuda": ("libcuda.so.1",), "tensorrt": ("libcuda.so.1", "libnvinfer.so.10"), "cpu": ()}
+NEEDS = {"cuda": ("libcuda.so.1",), "tensorrt": ("libcuda.so.1", TENSORRT), "cpu": ()}
 
 
 class PredictError(Exception):
@@ -118,19 +121,35 @@ def normalize(x, mean, std):
 
 # --------------------------------------------------------------------------- model
 def loads(lib):
-    """Whether a shared library loads (Linux names; elsewhere assumed present: onnxruntime decides)."""
-    try:
-        return not sys.platform.startswith("linux") or bool(ctypes.CDLL(lib))
-    except OSError:
-        return False
+    """Whether a shared library loads (Linux names; elsewhere assumed present: onnxruntime decides).
+    TensorRT also from pip's wheel (tensorrt-cu13-libs), whose folder site-packages/tensorrt_libs the
+    loader does not search: importing that package loads its libraries, found by name from then on."""
+    for attempt in range(2):
+        try:
+            return not sys.platform.startswith("linux") or bool(ctypes.CDLL(lib))
+        except OSError:
+            if attempt or lib != TENSORRT:
+                return False
+            with contextlib.suppress(ImportError, OSError):
+                import tensorrt_libs  # noqa: F401
+
+
+def auto_provider(available):
+    """TensorRT when its libraries load, else CUDA where there is an NVIDIA driver, else the CPU. A GPU
+    without TensorRT is said on stderr: TensorRT is usually the faster of the two."""
+    name = next(p for p in PROVIDERS if PROVIDERS[p] in available and all(map(loads, NEEDS[p])))
+    if name == "cuda":
+        why = f"{TENSORRT} (TensorRT 10) does not load" if PROVIDERS["tensorrt"] in available else \
+            f"onnxruntime {ort.__version__} has no TensorRT provider"
+        print(f"note: --provider auto: CUDA, not TensorRT: {why} (docs/deploy.md: install)", file=sys.stderr)
+    return name
 
 
 def providers_for(name):
-    """`name` and the providers after it (each takes the nodes an earlier one lacks). auto: TensorRT
-    when its library loads, else CUDA where there is an NVIDIA driver, else the CPU."""
+    """`name` and the providers after it (each takes the nodes an earlier one lacks)."""
     available = ort.get_available_providers()
     if name == "auto":
-        name = next(p for p in PROVIDERS if PROVIDERS[p] in available and all(map(loads, NEEDS[p])))
+        name = auto_provider(available)
     elif PROVIDERS[name] not in available:
         raise PredictError(f"onnxruntime {ort.__version__} has no {PROVIDERS[name]} (it has "
                            f"{', '.join(available)}); for CUDA/TensorRT: pip install onnxruntime-gpu")
@@ -141,31 +160,57 @@ def providers_for(name):
     return [PROVIDERS[p] for p in list(PROVIDERS)[list(PROVIDERS).index(name):]]
 
 
+def tensorrt_options(path, inp, batch_size):
+    """An engine cache beside the model (else in the user's cache folder) and, for a dynamic batch, a
+    profile of batches 1..batch_size: neither a new process nor the last, smaller batch rebuilds the
+    engine. The cache files are named after the model's bytes: onnxruntime's own key hashes the
+    file name and graph but not the weights, so a re-exported best.onnx would get the old engine."""
+    path = Path(path)
+    cache = path.with_name(path.name + ".tensorrt")
+    if not os.access(path.parent, os.W_OK):
+        cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "deeper-networks-tensorrt"
+    cache.mkdir(parents=True, exist_ok=True)
+    options = {"trt_engine_cache_enable": "1", "trt_engine_cache_path": str(cache),
+               "trt_engine_cache_prefix": "sha256_" + hashlib.sha256(path.read_bytes()).hexdigest()[:20]}
+    if not isinstance(inp.shape[0], int):
+        chw = "x".join(map(str, inp.shape[1:]))
+        options.update(trt_profile_min_shapes=f"{inp.name}:1x{chw}", trt_profile_opt_shapes=f"{inp.name}:"
+                       f"{batch_size}x{chw}", trt_profile_max_shapes=f"{inp.name}:{batch_size}x{chw}")
+    return options
+
+
 class Model:
     """An onnxruntime session with the preprocessing export.py wrote into the model's metadata."""
 
-    def __init__(self, path, provider="auto"):
+    def __init__(self, path, provider="auto", batch_size=64):
         if not Path(path).is_file():
             raise PredictError(f"no such model file: {path}")
         chain = providers_for(provider)
         if chain[0] != PROVIDERS["cpu"] and hasattr(ort, "preload_dlls"):
             ort.preload_dlls()  # CUDA / cuDNN from the nvidia-* wheels of onnxruntime-gpu[cuda,cudnn]
         ort.set_default_logger_severity(3)  # errors only
-        try:
-            self.sess = ort.InferenceSession(str(path), providers=chain)
+        trt = chain[0] == PROVIDERS["tensorrt"]
+        try:  # TensorRT: a CPU session first, for the input's name and size (its profile)
+            self.sess = ort.InferenceSession(str(path), providers=chain[-1:] if trt else chain)
+            if trt:
+                options = tensorrt_options(path, self.sess.get_inputs()[0], batch_size)
+                self.sess.set_providers([(chain[0], options), *chain[1:]])
         except Exception as e:  # onnxruntime raises its own exception types for bad files
             raise PredictError(f"cannot load {path}: {str(e).strip().splitlines()[0][:300]}") from None
         self.provider = self.sess.get_providers()[0]
         if provider != "auto" and self.provider != chain[0]:  # onnxruntime falls back silently
             raise PredictError(f"{chain[0]} cannot run here (missing CUDA/TensorRT libraries or GPU?); "
                                f"onnxruntime uses {self.sess.get_providers()}")
-        meta = self.sess.get_modelmeta().custom_metadata_map
+        meta, logits = self.sess.get_modelmeta().custom_metadata_map, self.sess.get_outputs()[0].shape[-1]
         try:
             self.classes, self.mean, self.std = (json.loads(meta[k]) for k in ("classes", "mean", "std"))
             self.image_size, self.in_channels = int(meta["image_size"]), int(meta["in_channels"])
+            if not len(self.mean) == len(self.std) == self.in_channels or logits != len(self.classes):
+                raise ValueError("malformed")
         except (KeyError, ValueError, TypeError):
-            raise PredictError(f"{path} lacks export.py's metadata (classes, mean, std, image_size, "
-                               "in_channels): export it with `python export.py CKPT`") from None
+            raise PredictError(f"{path} lacks export.py's metadata or it is malformed (classes: one per "
+                               "logit; mean, std: one per channel; image_size, in_channels): export it with "
+                               "`python export.py CKPT`") from None
         self.precision = meta.get("precision", "fp32")
         inp = self.sess.get_inputs()[0]
         self.input_name, self.output_name = inp.name, self.sess.get_outputs()[0].name
@@ -222,7 +267,7 @@ def get_args_parser():
 
 def main(args, out=None):
     out, files = out or sys.stdout, image_files(args.inputs)
-    model = Model(args.model, args.provider)
+    model = Model(args.model, args.provider, args.batch_size)
     k = min(args.top_k, len(model.classes))
     results = []
     for i in range(0, len(files), args.batch_size):

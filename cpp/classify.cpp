@@ -3,6 +3,8 @@
 //   python export.py runs/x/best.pt --format aoti          # writes best.pt2 and best.pt2.meta
 //   build/cpp/classify runs/x/best.pt2 cat.ppm dog.ppm [--meta FILE] [--device cpu|cuda] [--dump-input FILE]
 //
+// --device must be the device in the .meta file, the one the package was compiled for (the default).
+//
 // Prints one line per (image, rank):  <image>\t<rank>\t<class index>\t<class name>\t<probability>
 // Each image is read as binary PPM (P6) or PGM (P5) into a uint8 tensor and preprocessed as
 // data.py does, with the same ATen ops: antialiased bilinear resize of the uint8 image
@@ -187,7 +189,12 @@ int main(int argc, char** argv) {
   if (meta_path.empty()) meta_path = model + ".meta";
   try {
     const Meta meta = read_meta(meta_path);
-    if (device.empty()) device = meta.device;  // the package runs on the device it was compiled for
+    // The package runs on the device it was compiled for (AOTInductor's loader cannot move it); an
+    // input on the other side would be read through the wrong kind of pointer.
+    if (!device.empty() && device != meta.device)
+      throw std::runtime_error("--device " + device + ": " + model + " was compiled for " + meta.device +
+                               " (" + meta_path + "); export it with --device " + device + " to run there");
+    device = meta.device;
     load_libtorch();
     std::ofstream dump;
     if (!dump_path.empty()) {

@@ -26,6 +26,9 @@ def test_bench_cpu_tiny(tmp_path):
     assert eager["gflops"] == pytest.approx(eager["images_per_second"] * 6 * eager["forward_macs"] / 1e9, rel=0.01, abs=0.1)
     assert eager["forward_macs"] > rows[("lenet5", "eager")]["forward_macs"] > 0
     assert rows[("lenet5", "bf16")]["what"] == "bf16" and rows[("lenet5", "channels_last")]["what"] == "fp32 + channels_last"
+    assert [(rows[("lenet5", c)]["precision"], rows[("lenet5", c)]["layout"]) for c in ("eager", "channels_last")] == \
+        [("fp32", "NCHW"), ("fp32", "channels_last")]
+    assert all(row["peak_memory_gib"] is None for row in rows.values())  # CUDA only
     assert res["cpu"] and isinstance(res["cpu_flags"], list) and len(res["load_average_per_round"]) == 4
     assert res["side_models"] == ["resnet20"]
     assert "compile off (10 training steps" in res["auto"]  # --auto-steps: the run auto decides for

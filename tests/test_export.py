@@ -95,6 +95,10 @@ def test_onnx_matches_pytorch(tmp_path, name, in_channels, image_size, options):
     assert json.loads(meta["classes"]) == ck["classes"]
     assert json.loads(meta["mean"]) == ck["mean"] and json.loads(meta["std"]) == ck["std"]
     assert int(meta["image_size"]) == image_size and int(meta["in_channels"]) == in_channels
+    # what a client needs to preprocess alone: channel order and the resize rule
+    assert meta["channel_order"] == {1: "GRAY", 3: "RGB"}[in_channels]
+    assert meta["resize"].startswith(f"stretch to {image_size}x{image_size}")
+    assert "antialiased bilinear" in meta["resize"]
 
 
 def test_fp16_and_static_batch(tmp_path):
@@ -233,6 +237,11 @@ def test_aoti_package_runs_in_cpp(tmp_path, run):
     assert [int(rank) for _, rank, *_ in lines] == [1, 2, 3, 4, 5]
     assert all(image == str(tmp_path / "img.ppm") for image, *_ in lines)
     assert all(name == ck["classes"][int(index)] for _, _, index, name, _ in lines)
+    # The package runs where it was compiled: another --device is refused before anything loads.
+    wrong = subprocess.run([str(build / "classify"), str(tmp_path / "lenet.pt2"), str(tmp_path / "img.ppm"),
+                            "--device", "cuda"], capture_output=True, text=True, timeout=120)
+    assert wrong.returncode == 1 and not wrong.stdout and len(wrong.stderr.strip().splitlines()) == 1
+    assert wrong.stderr.startswith("error: --device cuda: ") and "was compiled for cpu" in wrong.stderr
 
     with torch.no_grad():  # the probabilities of data.py's input for the same pixels
         prob = model(data_py_inputs(tmp_path / "one", [rgb], 28, 1, ck["mean"], ck["std"])).softmax(1)[0]
@@ -361,5 +370,5 @@ def test_int8_check_fails_when_int8_loses_accuracy(tmp_path, monkeypatch):
     monkeypatch.setattr(export, "normalized_batches", labelled_by_fp32)
     monkeypatch.setattr(export, "ort_session", broken_int8)
     with pytest.raises(ValueError, match=r"check failed: int8 top-1 .* points below fp32 100\.00%") as e:
-        export.check_int8(tmp_path / "m.onnx", tmp_path / "m.int8.onnx", ck, args, data, "cpu", 1)
+        export.check_int8(tmp_path / "m.onnx", tmp_path / "m.int8.onnx", ck, args, data, 1)
     assert "\n" not in str(e.value)

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import numpy as np
+import onnx
 import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
@@ -180,11 +181,17 @@ def test_errors_are_one_line(tmp_path, folder, run):
     image = next((folder / "test").rglob("*.jpg"))
     (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
     torch.onnx.export(torch.nn.Linear(4, 2).eval(), (torch.randn(1, 4),), tmp_path / "bare.onnx", dynamo=True)
+    for key, value in (("mean", "[0.5, 0.5]"), ("classes", '["ant"]')):  # 1 channel, 3 logits: malformed
+        proto = onnx.load(str(tmp_path / "m.onnx"))
+        onnx.helper.set_model_props(proto, {**{p.key: p.value for p in proto.metadata_props}, key: value})
+        onnx.save(proto, str(tmp_path / f"bad-{key}.onnx"))
     cases = [((tmp_path / "m.onnx", tmp_path / "missing.jpg"), 1, "no such file or directory"),
              ((tmp_path / "m.onnx", tmp_path / "broken.jpg"), 1, "cannot read image"),
              ((tmp_path / "m.onnx", tmp_path / "empty"), 1, "no .jpg/"),
              ((tmp_path / "nowhere.onnx", image), 1, "no such model file"),
              ((tmp_path / "bare.onnx", image), 1, "lacks export.py's metadata"),
+             ((tmp_path / "bad-mean.onnx", image), 1, "is malformed (classes: one per logit; mean, std: one per"),
+             ((tmp_path / "bad-classes.onnx", image), 1, "is malformed (classes: one per logit;"),
              ((tmp_path / "m.onnx", image, "--top-k", "0"), 2, "not a positive integer")]
     (tmp_path / "empty").mkdir()
     for args, code, message in cases:
