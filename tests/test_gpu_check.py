@@ -35,12 +35,14 @@ def folder(tmp_path_factory):
     return root
 
 
-def gpu_check(tmp_path, *args):
-    """Run the script with the tiny settings -> (exit status, the JSON's parts by name, the JSON)."""
+def gpu_check(tmp_path, python, *args):
+    """Run the script with the tiny settings -> (exit status, the JSON's parts by name, the JSON).
+    python: its PYTHON (fork_python saves a torch import per train.py / export.py run)."""
     out = tmp_path / "out"
+    env = {**os.environ, "PYTHON": str(python), "GPU_CHECK_WORK": str(tmp_path / "work")}
     p = subprocess.run(["bash", str(REPO / "gpu_check.sh"), "--out", str(out), "--model", "lenet5",
-                        "--int8-max-drop", "100", *map(str, args)], capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "PYTHON": sys.executable, "GPU_CHECK_WORK": str(tmp_path / "work")})
+                        "--int8-max-drop", "100", *map(str, args)], capture_output=True, text=True, env=env,
+                       timeout=300)
     doc = json.loads((out / "gpu_check.json").read_text())
     parts = {p["name"]: p for p in doc["parts"]}
     assert len(parts) == len(doc["parts"]) and set(parts) == GPU_PARTS | CPU_PARTS, p.stdout + p.stderr
@@ -54,8 +56,8 @@ def gpu_check(tmp_path, *args):
     return p.returncode, parts, doc
 
 
-def test_cpu_parts_pass_and_gpu_parts_are_skipped(tmp_path, folder):
-    rc, parts, doc = gpu_check(tmp_path, "--data-dir", folder)
+def test_cpu_parts_pass_and_gpu_parts_are_skipped(tmp_path, folder, fork_python):
+    rc, parts, doc = gpu_check(tmp_path, fork_python, "--data-dir", folder)
     assert rc == 0, json.dumps(parts, indent=1)
     assert {n for n, p in parts.items() if p["status"] == "passed"} == CPU_PARTS
     m = doc["machine"]
@@ -64,7 +66,8 @@ def test_cpu_parts_pass_and_gpu_parts_are_skipped(tmp_path, folder):
         assert key in m
     d = parts["data"]["figures"]
     n = len(CLASSES)
-    assert (d["train_images"], d["test_images"], d["classes"], d["image_size"]) == (n * TRAIN, n * TEST, n, 32)
+    assert (d["train_images"], d["test_images"], d["classes"]) == (n * TRAIN, n * TEST, n)
+    assert d["image_size"] == 32
     t = parts["train_cpu"]["figures"]
     assert t["epochs"] == 1 and t["images_per_second_epoch1"] > 0 and 0 <= t["test_top1"] <= 1
     assert t["images_per_second_steady"] is None and t["peak_gpu_memory_gib"] is None  # one epoch, no GPU
@@ -77,7 +80,7 @@ def test_cpu_parts_pass_and_gpu_parts_are_skipped(tmp_path, folder):
 
 
 def test_a_failing_part_is_recorded_and_the_rest_still_run_or_skip(tmp_path):
-    rc, parts, _ = gpu_check(tmp_path, "--data-dir", tmp_path / "missing")
+    rc, parts, _ = gpu_check(tmp_path, sys.executable, "--data-dir", tmp_path / "missing")
     assert rc == 1
     assert parts["machine"]["status"] == "passed"
     assert parts["data"]["status"] == "failed" and str(tmp_path / "missing") in parts["data"]["reason"]
