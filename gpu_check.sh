@@ -100,10 +100,10 @@ elif cmd == "train":  # RUN_DIR LOG
                epoch_seconds=sec, compile_seconds=r3(sec[0] - med(sec[1:])) if sec[1:] else None,
                peak_gpu_memory_gib=float(peak[-1]) if peak else None, test_top1=float(rows[-1]["test_top1"]),
                speed=(load(Path(a[0], "config.json")) or {}).get("speed"))
-elif cmd == "evaluate":  # EVAL_JSON (without its per-class metrics and confusion matrix)
-    fig.update({k: v for k, v in load(a[0]).items() if "tf32" in k or k in ("n", "top1", "top5", "amp",
-                "channels_last", "latency_ms_batch1", "latency_ms_batch1_p90", "images_per_second",
-                "timing_batch_size", "timing_repeats", "device", "torch")})
+elif cmd == "evaluate":  # EVAL_JSON without per-class metrics and confusion matrix; what the timing ran
+    fig.update({k: v for k, v in load(a[0]).items() if re.search("tf32|precision|layout|timing|latency", k)
+                or k in ("n", "top1", "top5", "amp", "channels_last", "images_per_second", "device",
+                          "torch")})
 elif cmd == "export":  # PREFIX LOG: PREFIX[.fp16].benchmark.json (int8 rows sit in the fp32 one)
     fig.update({"benchmark" + f.replace(".", "_"): load(f"{a[0]}{f}.benchmark.json") for f in ("", ".fp16")},
                checks=checks(a[1]))
