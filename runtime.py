@@ -34,19 +34,13 @@ COMPILE_MIN_STEPS_CPU = 1500
 
 # ----------------------------------------------------------------------------- choices
 
-def mps_available():
-    mps = getattr(torch.backends, "mps", None)
-    return bool(mps is not None and mps.is_available())
-
-
 def pick_device(name="auto"):
     """'auto': cuda, then mps, then cpu; an explicit device that is not there is a ValueError."""
+    there = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is available")
-    if name == "mps" and not mps_available():
-        raise ValueError("--device mps: no Apple MPS device is available")
+        return torch.device(next(d for d, ok in there.items() if ok))
+    if not there[name]:
+        raise ValueError(f"--device {name}: no {dict(cuda='CUDA', mps='Apple MPS')[name]} device here")
     return torch.device(name)
 
 
@@ -59,10 +53,9 @@ def pick_amp(name, device, *, training=False):
         return AMP_DTYPES[name], f"--amp {name}"
     if not training:
         return None, "evaluation stays fp32"
-    if device.type == "cuda":
-        if torch.cuda.is_bf16_supported(including_emulation=False):
-            return torch.bfloat16, "CUDA GPU with bf16"
-        return torch.float16, "CUDA GPU without bf16"
+    if device.type == "cuda":  # is_bf16_supported() alone says yes through slow emulation on old GPUs
+        bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
+        return (torch.bfloat16, "CUDA GPU with bf16") if bf16 else (torch.float16, "CUDA GPU without bf16")
     if device.type == "mps":
         return torch.float16, "MPS"
     native = [f for f in NATIVE_BF16_FLAGS if f in cpu_flags()]
@@ -80,24 +73,21 @@ def pick_compile(value, device, *, train_steps=None, deterministic=False):
         return value == "on", f"--compile {value}"
     if deterministic:
         return False, "--deterministic"
-    if device.type == "cuda":
-        return True, "CUDA"
-    if device.type == "cpu" and train_steps is not None and train_steps >= COMPILE_MIN_STEPS_CPU:
+    if device.type != "cpu":
+        return device.type == "cuda", "CUDA" if device.type == "cuda" else f"{device.type}: not measured"
+    if (train_steps or 0) >= COMPILE_MIN_STEPS_CPU:
         return True, f"{train_steps} training steps >= {COMPILE_MIN_STEPS_CPU} repay compiling"
-    if device.type == "cpu":
-        return False, f"{train_steps or 'few'} training steps < {COMPILE_MIN_STEPS_CPU}: not repaid"
-    return False, f"{device.type}: not measured"
+    return False, f"{train_steps or 'few'} training steps < {COMPILE_MIN_STEPS_CPU}: not repaid"
 
 
 def pick_channels_last(value, device):
     """(channels_last or not, why). auto: on CUDA and the CPU (cuDNN's and oneDNN's fast
     convolutions work in NHWC), off elsewhere."""
-    device = torch.device(device)
+    kind = torch.device(device).type
     if value != "auto":
         return value == "on", f"--channels-last {value}"
-    if device.type in ("cuda", "cpu"):
-        return True, f"{device.type}: NHWC convolutions"
-    return False, f"{device.type}: not measured"
+    nhwc = kind in ("cuda", "cpu")
+    return nhwc, f"{kind}: NHWC convolutions" if nhwc else f"{kind}: not measured"
 
 
 def busy_cpus(seconds=0.1):
@@ -107,14 +97,10 @@ def busy_cpus(seconds=0.1):
             v = [int(t) for t in f.readline().split()[1:]]
         return sum(v), v[3] + (v[4] if len(v) > 4 else 0)  # total, idle + iowait
     try:
-        total0, idle0 = sample()
-        time.sleep(seconds)
-        total1, idle1 = sample()
+        (total0, idle0), _, (total1, idle1) = sample(), time.sleep(seconds), sample()
     except (OSError, ValueError, IndexError):
         return None
-    if total1 <= total0:
-        return None
-    return (os.cpu_count() or 1) * (1 - (idle1 - idle0) / (total1 - total0))
+    return (os.cpu_count() or 1) * (1 - (idle1 - idle0) / (total1 - total0)) if total1 > total0 else None
 
 
 def free_threads(default, cpus, busy):
@@ -123,10 +109,9 @@ def free_threads(default, cpus, busy):
 
 
 def pick_threads(value, device):
-    """(intra-op threads, why) for the CPU. None: torch's default (the physical cores). auto: that
-    less the CPUs other processes keep busy as the run starts: on a shared CPU a step with more
-    threads than free cores waits at every operator for its slowest, descheduled thread. Not the
-    default: the thread count changes the order of float sums, so runs would not repeat."""
+    """(intra-op threads, why). auto: torch's default less the CPUs busy elsewhere (a step with more
+    threads than free cores waits at every operator for its slowest, descheduled thread); not the
+    default, as the thread count changes the order of float sums."""
     default = torch.get_num_threads()
     if torch.device(device).type != "cpu":
         return default, "not the CPU: unchanged"
@@ -138,16 +123,16 @@ def pick_threads(value, device):
     if value != "auto":
         return int(value), f"--threads {value}"
     busy = busy_cpus()
+    cpus = os.cpu_count() or 1
     if busy is None:
         return default, "torch's default (no /proc/stat to see other work)"
-    cpus = os.cpu_count() or 1
     return free_threads(default, cpus, busy), f"{default} by default, {busy:.1f} of {cpus} CPUs busy"
 
 
 def pick_speed(device, *, amp="auto", compile="auto", channels_last="auto", threads=None,
                train_steps=None, deterministic=False):
-    """Every speed choice of a training run: amp (autocast dtype of the training steps or None),
-    eval_amp (of its evaluations), compile, channels_last, threads, and why (one reason each)."""
+    """Every speed choice of a run: amp, eval_amp (autocast dtypes or None), compile, channels_last,
+    threads, and why (one reason each)."""
     amp_dtype, amp_why = pick_amp(amp, device, training=True)
     use_compile, compile_why = pick_compile(compile, device, train_steps=train_steps,
                                             deterministic=deterministic)
@@ -212,17 +197,14 @@ def device_name(device):
 
 
 def synchronize(device):
-    device = torch.device(device)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
+    kind = torch.device(device).type
+    if kind in ("cuda", "mps"):
+        getattr(torch, kind).synchronize()
 
 
 def time_calls(fn, *, device="cpu", warmup=1, repeats=10, max_seconds=None):
-    """Seconds per call of fn(): `warmup` untimed calls, then up to `repeats` timed ones (stopping
-    early, after at least one, once max_seconds have passed), the device synchronized before every
-    clock read so that asynchronous GPU work is counted."""
+    """Seconds per call of fn() after `warmup` calls: up to `repeats` (at least one within
+    max_seconds), the device synchronized before each clock read (asynchronous GPU work counts)."""
     for _ in range(warmup):
         fn()
     synchronize(device)
@@ -242,8 +224,7 @@ def median_p90(times):
 
 
 def memory_available(device):
-    """Bytes a new allocation can take now: free GPU memory plus torch's unused cache on CUDA,
-    MemAvailable on the CPU; None where unknown."""
+    """Bytes an allocation can take now (CUDA: free plus torch's unused cache); None if unknown."""
     device = torch.device(device)
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
@@ -262,10 +243,7 @@ def forward_bytes(model, input_shape):
     largest = [0]
 
     def hook(module, inputs, out):
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if torch.is_tensor(t):
-                largest[0] = max(largest[0], t[0].numel())
-
+        largest[0] = max([largest[0]] + [t[0].numel() for t in (out if isinstance(out, tuple) else (out,))])
     hooks = [m.register_forward_hook(hook) for m in model.modules() if not any(m.children())]
     was_training = model.training
     try:
