@@ -157,6 +157,36 @@ def describe_speed(speed):
             f"threads {speed['threads']} ({w['threads']})")
 
 
+def start(device, *, seed=0, deterministic=False):
+    """(rank, world, device) of a training process: the process group under torchrun (NCCL on CUDA,
+    gloo on the CPU; even with one process), the seed, and the kernels' determinism (TF32 off and
+    cuBLAS's fixed workspace under --deterministic)."""
+    device, rank, world = pick_device(device), 0, 1
+    if "RANK" in os.environ:
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(device)
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    if deterministic:  # before cuBLAS's first call
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(deterministic)
+    torch.manual_seed(seed)
+    torch.backends.cudnn.benchmark = not deterministic
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = not deterministic
+    return rank, world, device
+
+
+def cudagraph_note(mode, world, model):
+    """reduce-overhead promises CUDA graphs, which inductor skips under DDP for a model with
+    BatchNorm (its running statistics are mutated inputs): say so instead."""
+    if mode == "reduce-overhead" and world > 1 and any(isinstance(m, torch.nn.BatchNorm2d)
+                                                       for m in model.modules()):
+        return ("note: --compile-mode reduce-overhead under DDP skips CUDA graphs for this model (BatchNorm's"
+                " running statistics are mutated inputs): it runs compiled, without graphs")
+    return None
+
+
 # ----------------------------------------------------------------------------- hardware, timing
 
 def _cpuinfo(keys):

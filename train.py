@@ -2,7 +2,6 @@
 
     python train.py --model resnet18 --dataset cifar10 --epochs 30
     python train.py --model googlenet --residual --dataset cifar10 --epochs 100
-    python train.py --model resnet20 --dataset synthetic --epochs 2 --out runs/demo
     python train.py --resume runs/demo/last.pt --epochs 4          # continue a run
     python train.py --model resnet18 --pretrained --dataset folder --data-dir DIR --image-size 224 \
         --backbone-lr-scale 0.1 --lr 0.01 --epochs 10                  # fine-tune ImageNet weights
@@ -14,7 +13,7 @@ config.json, metrics.csv, last.pt, best.pt and curves.png (docs/training.md).
 """
 import argparse
 import copy
-import csv
+import importlib.util
 import json
 import math
 import os
@@ -74,8 +73,8 @@ def threads_arg(text):
 
 
 def get_args_parser(argument_default=None):
-    """The command line with DEFAULTS; parse_args() adds the recipes. argument_default=SUPPRESS:
-    no defaults at all (what a command line gives, for a resume)."""
+    """The command line with DEFAULTS (parse_args adds the recipes); argument_default=SUPPRESS: no
+    defaults (what a command line gives)."""
     recipes = "\n".join(f"  {k:<14} {', '.join(f'{n}={v}' for n, v in r.items())}"
                         for k, r in {**OPTIMIZERS, **RECIPES}.items())
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], argument_default=argument_default,
@@ -165,9 +164,9 @@ def flag_text(dest, v):
 
 
 def parse_args(argv=None):
-    """The run's settings: argparse's defaults with the recipes of the given --optimizer and
-    --dataset applied as defaults; on --resume, the checkpoint's settings and the RESUMABLE flags
-    given now (a warning names every other flag given, which a resume does not apply)."""
+    """The run's settings: argparse's defaults with the given --optimizer's and --dataset's recipes
+    as defaults; on --resume the checkpoint's settings and the RESUMABLE flags given (a warning
+    names every other flag given: a resume does not apply it)."""
     given = vars(get_args_parser(argparse.SUPPRESS).parse_args(argv))
     if "resume" in given:
         saved = checkpoint.load_checkpoint(given["resume"])["args"]
@@ -199,11 +198,8 @@ def check_args(a):
         raise ValueError("--backbone-lr-scale has no effect with --freeze-backbone (the backbone is fixed)")
     if a.pretrained:
         checkpoint.pretrained_weights(a.model, a.pretrained)
-    if a.tensorboard:
-        try:
-            import torch.utils.tensorboard  # noqa: F401
-        except ImportError:
-            raise ValueError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
+    if a.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise ValueError("--tensorboard needs the tensorboard package: pip install tensorboard")
 
 
 # ----------------------------------------------------------------------------- optimization
@@ -328,10 +324,9 @@ def mix_batch(x, y, mixup, cutmix, rng):
 
 def train_one_epoch(model, loader, optimizer, schedule, scaler, criterion, *, epoch, device, amp_dtype=None,
                     mixup=0.0, cutmix=0.0, clip_grad=0.0, seed=0, rank=0, ema=None, progress=None):
-    """One pass over the loader -> (mean loss, accuracy, images seen). The mixing draws come from a
-    generator seeded by (seed, epoch, rank). Loss and accuracy add up on the device; the host
-    syncs every CHECK_EVERY steps and after the last one to catch a non-finite loss or model
-    (the check after the last step sees the final update: no checkpoint holds it unchecked)."""
+    """One pass -> (mean loss, accuracy, images seen); mixing draws seeded by (seed, epoch, rank).
+    Sums stay on the device; the host syncs every CHECK_EVERY steps and after the last one (so no
+    checkpoint holds an unchecked update) to catch a non-finite loss or model."""
     CHECK_EVERY = 50
     model.train()
     loss_sum, correct = torch.zeros((), device=device), torch.zeros((), device=device)
@@ -356,8 +351,7 @@ def train_one_epoch(model, loader, optimizer, schedule, scaler, criterion, *, ep
         schedule.step()
         if ema is not None:
             ema.update(unwrap(model))
-        seen += y.shape[0]
-        loss = loss.detach()
+        seen, loss = seen + y.shape[0], loss.detach()
         loss_sum += loss.float() * y.shape[0]
         correct += (out.detach().argmax(1) == y).sum()
         first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
@@ -399,34 +393,7 @@ def unwrap(model):
     return getattr(model, "module", model)
 
 
-def plain(v):
-    """JSON / weights_only-safe copy of an args value."""
-    return list(v) if isinstance(v, tuple) else v
-
-
 # ----------------------------------------------------------------------------- a run, step by step
-
-def setup_runtime(a):
-    """(rank, world, device): the process group under torchrun (NCCL for CUDA, gloo otherwise),
-    the device, the seed, and the kernels' determinism (TF32 off under --deterministic)."""
-    device = runtime.pick_device(a.device)
-    rank, world = 0, 1
-    if "RANK" in os.environ:  # under torchrun (DDP, NCCL or gloo) even with one process
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        rank, world = dist.get_rank(), dist.get_world_size()
-    if a.batch_size % world:
-        raise ValueError(f"--batch-size {a.batch_size} must be divisible by the {world} processes")
-    if a.deterministic:  # cuBLAS needs a fixed workspace to be repeatable; set before its first call
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(a.deterministic)
-    torch.manual_seed(a.seed)
-    torch.backends.cudnn.benchmark = not a.deterministic
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = not a.deterministic
-    return rank, world, device
-
 
 def build_run(a, d, device, rank, world, resume_ck):
     """Everything a run trains with (a dict): model, loaders, optimizer, schedule, scaler, EMA,
@@ -470,8 +437,7 @@ def build_run(a, d, device, rank, world, resume_ck):
     for split in ("val", "test"):
         s = getattr(d, split)
         loaders[split] = s and data.make_loader(s, batch_size=max(256, a.batch_size), train=False, **kw)
-    fmt = torch.channels_last if speed["channels_last"] else torch.contiguous_format
-    model = model.to(device, memory_format=fmt)
+    model = model.to(device, memory_format=torch.channels_last if speed["channels_last"] else None)
     optimizer = build_optimizer(model, device, optimizer=a.optimizer, lr=a.lr, weight_decay=a.weight_decay,
                                 momentum=a.momentum, nesterov=a.nesterov,
                                 backbone_lr_scale=a.backbone_lr_scale)
@@ -479,34 +445,22 @@ def build_run(a, d, device, rank, world, resume_ck):
                         a.milestones, a.gamma, a.step_size, a.patience)
     scaler = torch.amp.GradScaler(device.type, enabled=speed["amp"] == torch.float16)
     ema = EMA(model, a.ema) if a.ema > 0 else None
-    history = []
     if resume_ck:
         restore_state(resume_ck, a.resume, optimizer, schedule, scaler, ema, device)
-        history = list(resume_ck["history"])
-    train_model = model
+    history, train_model = list(resume_ck["history"]) if resume_ck else [], model
     if world > 1:  # plain ImageNet ResNets keep (unused) projection convs for parameter parity
         train_model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None,
             find_unused_parameters=bool(a.plain))
     if speed["compile"]:  # compiled lazily: epoch 1's time includes compilation
-        if rank == 0 and cudagraph_note(a.compile_mode, world, model):
-            print(cudagraph_note(a.compile_mode, world, model), file=sys.stderr)
+        if rank == 0 and (note := runtime.cudagraph_note(a.compile_mode, world, model)):
+            print(note, file=sys.stderr)
         train_model = torch.compile(train_model, mode=None if a.compile_mode == "default" else a.compile_mode)
     return dict(a=a, d=d, device=device, speed=speed, rank=rank, world=world, opts=opts, init=init,
                 model=model, train_model=train_model, optimizer=optimizer, schedule=schedule, scaler=scaler,
                 ema=ema, criterion=nn.CrossEntropyLoss(label_smoothing=a.label_smoothing), loaders=loaders,
                 history=history, start_epoch=resume_ck["epoch"] if resume_ck else 0,
                 best_val=max([r["val_acc"] for r in history if r.get("val_acc") is not None], default=-1.0))
-
-
-def cudagraph_note(mode, world, model):
-    """reduce-overhead promises CUDA graphs, which inductor skips under DDP for a model with
-    BatchNorm (its running statistics are mutated inputs): say so instead."""
-    if mode == "reduce-overhead" and world > 1 and any(isinstance(m, nn.BatchNorm2d)
-                                                       for m in model.modules()):
-        return ("note: --compile-mode reduce-overhead under DDP skips CUDA graphs for this model (BatchNorm's"
-                " running statistics are mutated inputs): it runs compiled, without graphs")
-    return None
 
 
 def restore_state(ck, path, optimizer, schedule, scaler, ema, device):
@@ -541,7 +495,7 @@ def open_run_dir(run, out, resume_ck):
             raise ValueError(f"{a.resume} already finished {run['start_epoch']} epochs; pass --epochs N with "
                              f"N > {run['start_epoch']} to train further")
         speed = {**run["speed"], "amp": str(run["speed"]["amp"]), "eval_amp": str(run["speed"]["eval_amp"])}
-        config = {**{k: plain(v) for k, v in vars(a).items()}, "model_options": run["opts"],
+        config = {**vars(a), "model_options": run["opts"],
                   "num_classes": d.num_classes, "in_channels": d.in_channels, "image_size": d.image_size,
                   "classes": list(map(str, d.classes)), "mean": list(d.mean), "std": list(d.std),
                   "init": run["init"], "device": str(run["device"]), "world_size": run["world"],
@@ -559,9 +513,8 @@ def open_run_dir(run, out, resume_ck):
 
 
 def run_epoch(run, epoch, progress=None):
-    """Train one epoch, then evaluate -> (metrics row, validation result). Raises Diverged unless
-    the loss, the model and its EMA after the last step, and the evaluation losses are finite:
-    what save_epoch() writes is exactly what was checked."""
+    """Train one epoch, then evaluate -> (metrics row, validation result); Diverged unless the loss,
+    the model, its EMA and the evaluation losses are finite (what save_epoch() writes was checked)."""
     a, loaders, net = run["a"], run["loaders"], run["train_model"]
     loaders["train"].set_epoch(epoch)
     t0, lr = time.perf_counter(), run["optimizer"].param_groups[0]["lr"]
@@ -592,14 +545,13 @@ def run_epoch(run, epoch, progress=None):
 
 
 def save_epoch(run, out, val, writer=None):
-    """last.pt, then best.pt as a second name of the same file when this epoch is the best (one
-    write: a kill in between leaves best.pt an epoch behind, which a resume repairs), metrics.csv
-    and TensorBoard. Returns whether validation top-1 improved."""
+    """last.pt; best.pt as its second name when the epoch is the best (one write: a kill in between
+    leaves best.pt an epoch behind, which a resume repairs); metrics.csv. True if val top-1 improved."""
     a, d, row, device = run["a"], run["d"], run["history"][-1], run["device"]
     ck = checkpoint.make_checkpoint(
         model_name=a.model, model_options=run["opts"], num_classes=d.num_classes, in_channels=d.in_channels,
         image_size=d.image_size, classes=d.classes, mean=d.mean, std=d.std,
-        args={k: plain(v) for k, v in vars(a).items()}, epoch=row["epoch"], model=run["model"].state_dict(),
+        args=dict(vars(a)), epoch=row["epoch"], model=run["model"].state_dict(),
         ema=run["ema"].module.state_dict() if run["ema"] else None, optimizer=run["optimizer"].state_dict(),
         scheduler=run["schedule"].state_dict(), scaler=run["scaler"].state_dict(),
         rng={"torch": torch.get_rng_state(),
@@ -627,27 +579,16 @@ def epoch_line(r, epochs):
 
 def finish(run, out, session_seconds):
     """curves.png and the closing summary line."""
-    a, history = run["a"], run["history"]
-    compare.plot_curves(history, out / "curves.png", f"{a.model} on {a.dataset}, run {out.name}")
-    last = history[-1]
-    best = max((r for r in history if r.get("val_acc") is not None), key=lambda r: r["val_acc"], default=None)
+    a, h, last = run["a"], run["history"], run["history"][-1]
+    compare.plot_curves(h, out / "curves.png", f"{a.model} on {a.dataset}, run {out.name}")
+    best = max((r for r in h if r.get("val_acc") is not None), key=lambda r: r["val_acc"], default=None)
+    gpu = run["device"].type == "cuda" and torch.cuda.max_memory_allocated(run["device"]) / 2**30
     print(f"done: {a.model} on {a.dataset}, {last['epoch']} epochs"
-          + (f", best val top-1 {100 * best['val_acc']:.2f}% (epoch {best['epoch']})" if best else "")
-          + f", final test top-1 {100 * last['test_top1']:.2f}% top-5 {100 * last['test_top5']:.2f}%"
-          f", train time {sum(r['epoch_seconds'] for r in history):.1f}s (this session "
-          f"{session_seconds:.1f}s)"
-          f", {sum(r['images_per_second'] for r in history) / len(history):.0f} img/s"
-          + (f", peak GPU memory {torch.cuda.max_memory_allocated(run['device']) / 2**30:.2f} GiB"
-             if run["device"].type == "cuda" else "") + f"; checkpoints in {out}", flush=True)
-
-
-def interrupted(epoch, out, resume=None):
-    """What Ctrl-C prints: where the run stopped and the command that continues it."""
-    at = f"interrupted at epoch {epoch}"
-    if out is not None and (out / "last.pt").exists():
-        return f"{at}; resume with: python train.py --resume {out / 'last.pt'}"
-    return f"{at}; resume with: python train.py --resume {resume} --out {out}" if resume and out else \
-        f"{at}, before the first checkpoint: nothing to resume"
+          + (f", best val top-1 {best['val_acc']:.2%} (epoch {best['epoch']})" if best else "")
+          + f", final test top-1 {last['test_top1']:.2%} top-5 {last['test_top5']:.2%}, train time "
+          f"{sum(r['epoch_seconds'] for r in h):.1f}s (this session {session_seconds:.1f}s), "
+          f"{sum(r['images_per_second'] for r in h) / len(h):.0f} img/s"
+          + (f", peak GPU memory {gpu:.2f} GiB" if gpu else "") + f"; checkpoints in {out}", flush=True)
 
 
 def main(a):
@@ -660,7 +601,9 @@ def main(a):
         resume_ck = checkpoint.load_checkpoint(a.resume)
         checkpoint.check_resumable(resume_ck, a.resume)
     try:
-        rank, world, device = setup_runtime(a)
+        rank, world, device = runtime.start(a.device, seed=a.seed, deterministic=a.deterministic)
+        if a.batch_size % world:
+            raise ValueError(f"--batch-size {a.batch_size} must be divisible by the {world} processes")
         d = data.load_data(a.dataset, a.data_dir, image_size=a.image_size, channels=a.channels, seed=a.seed,
                            val_split=a.val_split, limit_train=a.limit_train, limit_test=a.limit_test)
         run = build_run(a, d, device, rank, world, resume_ck)
@@ -691,8 +634,12 @@ def main(a):
                 print(epoch_line(row, a.epochs) + (" *" if best else ""), flush=True)
         if rank == 0 and run["history"]:
             finish(run, out, time.perf_counter() - wall0)
-    except KeyboardInterrupt:
-        raise KeyboardInterrupt(interrupted(epoch + 1, out if rank == 0 else None, a.resume)) from None
+    except KeyboardInterrupt:  # where the run stopped and the command that continues it
+        last = out / "last.pt"
+        again = rank == 0 and (last if last.exists() else a.resume and f"{a.resume} --out {out}")
+        raise KeyboardInterrupt(f"interrupted at epoch {epoch + 1}" + (
+            f"; resume with: python train.py --resume {again}" if again
+            else ", before the first checkpoint: nothing to resume")) from None
     except RuntimeError as e:  # --deterministic on an op without a deterministic kernel
         if "deterministic" not in str(e):
             raise

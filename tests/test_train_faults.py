@@ -15,6 +15,7 @@ import torch
 
 import checkpoint
 import models
+import runtime
 import train
 
 # lenet5 needs 12 px; 64 train images in batches of 32: two steps per epoch.
@@ -488,12 +489,10 @@ def test_torchrun_backend_follows_the_device(monkeypatch):
     monkeypatch.setattr(dist, "get_world_size", lambda: 2)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setenv("RANK", "0")
-    a = train.parse_args(["--model", "lenet5", "--dataset", "synthetic", "--device", "cpu"])
-    assert train.setup_runtime(a)[1:] == (2, torch.device("cpu")) and seen == ["gloo"]
+    assert runtime.start("cpu")[1:] == (2, torch.device("cpu")) and seen == ["gloo"]
     monkeypatch.setattr(torch.cuda, "set_device", lambda d: None)
-    a.device = "cuda"
     monkeypatch.setenv("LOCAL_RANK", "1")
-    assert train.setup_runtime(a)[2] == torch.device("cuda", 1) and seen == ["gloo", "nccl"]
+    assert runtime.start("cuda")[2] == torch.device("cuda", 1) and seen == ["gloo", "nccl"]
 
 
 def test_cuda_rng_state_is_the_process_devices_own(run1, monkeypatch):
@@ -516,9 +515,8 @@ def test_cuda_rng_state_is_the_process_devices_own(run1, monkeypatch):
 def test_deterministic_is_strict_and_sets_cublas_workspace(monkeypatch):
     """Before: warn_only=True (no promise kept), no CUBLAS_WORKSPACE_CONFIG, compile auto on CUDA."""
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
-    a = train.parse_args(["--model", "lenet5", "--dataset", "synthetic", "--deterministic", "--device", "cpu"])
     try:
-        train.setup_runtime(a)
+        runtime.start("cpu", deterministic=True)
         assert torch.are_deterministic_algorithms_enabled()
         assert not torch.is_deterministic_algorithms_warn_only_enabled()
         assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
@@ -528,7 +526,7 @@ def test_deterministic_is_strict_and_sets_cublas_workspace(monkeypatch):
 
 def test_reduce_overhead_under_ddp_says_graphs_are_skipped():
     bn = models.build_model("resnet20", 10)
-    assert "skips CUDA graphs" in train.cudagraph_note("reduce-overhead", 2, bn)
-    assert train.cudagraph_note("reduce-overhead", 1, bn) is None
-    assert train.cudagraph_note("default", 2, bn) is None
-    assert train.cudagraph_note("reduce-overhead", 2, models.build_model("lenet5", 10)) is None
+    assert "skips CUDA graphs" in runtime.cudagraph_note("reduce-overhead", 2, bn)
+    assert runtime.cudagraph_note("reduce-overhead", 1, bn) is None
+    assert runtime.cudagraph_note("default", 2, bn) is None
+    assert runtime.cudagraph_note("reduce-overhead", 2, models.build_model("lenet5", 10)) is None
