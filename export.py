@@ -19,6 +19,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -295,19 +296,14 @@ def quantize_int8(onnx_path, int8_path, batches, calibration):
     precision and calibration. CPU only: TensorRT refuses uint8 activations with zero points, and CUDA
     runs such a file as fp32 convolutions between Quantize/DequantizeLinear (slower than fp32)."""
     import onnx
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    class Reader(CalibrationDataReader):
-        feeds = iter([{"input": x} for x in batches])
-
-        def get_next(self):
-            return next(self.feeds, None)
-
+    feeds = iter([{"input": x} for x in batches])
+    reader = SimpleNamespace(get_next=lambda: next(feeds, None))  # all a CalibrationDataReader needs
     props = {p.key: p.value for p in onnx.load(str(onnx_path), load_external_data=False).metadata_props}
     with replacing(int8_path) as tmp:  # pre-processed into tmp, then quantized in place
         quant_pre_process(str(onnx_path), str(tmp))
-        quantize_static(tmp, tmp, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+        quantize_static(tmp, tmp, reader, quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
         model = onnx.load(str(tmp))
         onnx.helper.set_model_props(model, {**props, "precision": "int8", "calibration": calibration})
