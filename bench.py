@@ -11,9 +11,6 @@ bf16, compile, threads (--threads auto), auto (what a run of --auto-steps picks)
 classic (kuangliu/pytorch-cifar: PIL transforms in a Dataset, DataLoader with workers). They take
 turns for --rounds rounds, so that load from other jobs hits all alike (docs/performance.md).
 On CUDA every configuration runs with TF32 and cudnn.benchmark on: rows say tf32, not fp32.
-Row field peak_memory_gib (CUDA): the most device memory the configuration needs as if alone: what
-it holds (allocated while it was built or left by its steps) plus the peak of its steps above what
-was allocated as they began; the other configurations' copies, alive to take turns, are not counted.
 """
 import argparse
 import copy
@@ -26,7 +23,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 from PIL import Image
 
 import data
@@ -100,7 +96,6 @@ def write_json(result, out):
 
 
 # ----------------------------------------------------------------------------- the classic pipeline
-
 class PILDataset(torch.utils.data.Dataset):
     """A uint8 split served as PIL images, the way torchvision's CIFAR10 class serves them."""
 
@@ -115,16 +110,16 @@ class PILDataset(torch.utils.data.Dataset):
         return self.transform(Image.fromarray(self.images[i])), int(self.labels[i])
 
 
-def classic_loader(split, *, mean, std, batch_size=128, workers=2, device="cpu"):
-    """The classic pipeline (kuangliu/pytorch-cifar): PIL RandomCrop + flip + ToTensor + Normalize
-    in a torchvision-style Dataset, shuffled by a DataLoader with workers (host tensors out)."""
+def classic_loader(d, batch_size, workers, device):
+    """kuangliu/pytorch-cifar's pipeline: PIL RandomCrop + flip + ToTensor + Normalize in a Dataset,
+    shuffled by a DataLoader with workers (host tensors out)."""
     import torchvision.transforms as T
-    size = split.images.shape[-1]
+    size = d.train.images.shape[-1]
     transform = T.Compose([T.RandomCrop(size, padding=data.crop_padding(size)), T.RandomHorizontalFlip(),
-                           T.ToTensor(), T.Normalize(mean, std)])
-    return torch.utils.data.DataLoader(PILDataset(split, transform), batch_size=batch_size, shuffle=True,
+                           T.ToTensor(), T.Normalize(d.mean, d.std)])
+    return torch.utils.data.DataLoader(PILDataset(d.train, transform), batch_size=batch_size, shuffle=True,
                                        num_workers=workers, drop_last=True, persistent_workers=workers > 0,
-                                       pin_memory=torch.device(device).type == "cuda")
+                                       pin_memory=device.type == "cuda")
 
 
 def loader_benchmark(args, device, d):
@@ -133,11 +128,10 @@ def loader_benchmark(args, device, d):
         raise ValueError(f"--batch-size {args.batch_size} is larger than the {len(d.train)} training images")
     tensor = data.make_loader(d.train, mean=d.mean, std=d.std, batch_size=args.batch_size, train=True,
                               augment="standard", device=device)
-    classic = classic_loader(d.train, mean=d.mean, std=d.std, batch_size=args.batch_size,
-                             workers=args.classic_workers, device=device)
     speed = []
-    for it in (endless(tensor, device), endless(classic, device)):  # images/s after the first batch
-        next(it)
+    for loader in (tensor, classic_loader(d, args.batch_size, args.classic_workers, device)):
+        it = endless(loader, device)
+        next(it)  # images/s after the first batch
         t0 = time.perf_counter()
         n = sum(len(next(it)[0]) for _ in range(args.batches))
         synchronize(device)
@@ -153,24 +147,25 @@ def loader_benchmark(args, device, d):
               "tensor_images_per_second": round(fast, 1), "dataloader_images_per_second": round(slow, 1),
               "speedup": round(fast / slow, 2), "command": "python " + " ".join(sys.argv)}
     print(json.dumps(result))
-    return write_json(result, args.out)
+    return result
 
 
 # ----------------------------------------------------------------------------- training speed
-
 class PeakMemory:
-    """Device memory of one configuration as if it ran alone (module docstring), over start..stop."""
+    """CUDA memory of one configuration as if it ran alone (row field peak_memory_gib): what it holds
+    (allocated while it was built or left by its steps) plus the peak of its steps above what was
+    allocated as they began; the other configurations' copies, alive to take turns, are not counted."""
 
     def __init__(self, device):
-        self.device, self.held, self.peak = device, 0, 0
+        self.cuda, self.device, self.held, self.peak = device.type == "cuda", device, 0, 0
 
     def start(self):
-        if self.device.type == "cuda":
+        if self.cuda:
             self.before = torch.cuda.memory_allocated(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
 
     def stop(self):
-        if self.device.type == "cuda":
+        if self.cuda:
             self.peak = max(self.peak, self.held + torch.cuda.max_memory_allocated(self.device) - self.before)
             self.held += torch.cuda.memory_allocated(self.device) - self.before
 
@@ -195,13 +190,11 @@ class Trainer:
         self.net = torch.compile(model, mode=args.compile_mode) if speed["compile"] else model
         classic = name == "classic"
         self.batch = args.classic_batch_size if classic else args.batch_size
-        loader = (classic_loader(d.train, mean=d.mean, std=d.std, batch_size=self.batch,
-                                 workers=args.classic_workers, device=device) if classic else
-                  data.make_loader(d.train, mean=d.mean, std=d.std, batch_size=self.batch, train=True,
-                                   augment="standard", device=device, channels_last=speed["channels_last"]))
+        loader = classic_loader(d, self.batch, args.classic_workers, device) if classic else data.make_loader(
+            d.train, mean=d.mean, std=d.std, batch_size=self.batch, train=True, augment="standard",
+            device=device, channels_last=speed["channels_last"])
         self.stream = endless(loader, device)
-        self.optimizer = train.build_optimizer(model, device, optimizer="sgd", lr=0.05, momentum=0.9,
-                                               nesterov=True, weight_decay=5e-4)
+        self.optimizer = train.build_optimizer(model, device, lr=0.05, weight_decay=5e-4)  # SGD, nesterov
         self.schedule = train.Schedule(self.optimizer, "none", 1, 1)
         self.scaler = torch.amp.GradScaler(device.type, enabled=speed["amp"] == torch.float16)
         self.precision = precision(speed["amp"], device)
@@ -216,8 +209,8 @@ class Trainer:
         w0, c0 = time.perf_counter(), time.process_time()
         self.memory.start()
         _, _, seen = train.train_one_epoch(self.net, Steps(self.stream, n), self.optimizer, self.schedule,
-                                           self.scaler, nn.CrossEntropyLoss(), epoch=0, device=self.device,
-                                           amp_dtype=self.speed["amp"])
+                                           self.scaler, torch.nn.CrossEntropyLoss(), epoch=0,
+                                           device=self.device, amp_dtype=self.speed["amp"])
         synchronize(self.device)
         self.memory.stop()
         wall, cpu = time.perf_counter() - w0, time.process_time() - c0
@@ -238,12 +231,11 @@ def main(args):
     if d.train.images is None:
         raise ValueError("bench.py needs a training split that fits in memory (the tensor path)")
     if args.loader_only:
-        return loader_benchmark(args, device, d)
+        return write_json(loader_benchmark(args, device, d), args.out)
     torch.backends.cudnn.benchmark = True
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    default_threads = torch.get_num_threads()
+    default_threads = args.threads or torch.get_num_threads()
+    torch.set_num_threads(default_threads)
     off = dict(amp="off", compile="off", channels_last="off", threads=default_threads)
     table = {k: runtime.pick_speed(device, **v) for k, v in {  # runtime.pick_speed's dict per configuration
         "eager": off, "channels_last": {**off, "channels_last": "on"}, "bf16": {**off, "amp": "bf16"},

@@ -19,15 +19,15 @@ import json
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
-import torch.nn as nn
 import onnxruntime as ort  # after torch: onnxruntime-gpu then finds the CUDA/cuDNN libraries torch loaded
 
 from checkpoint import checkpoint_data, load_checkpoint, model_from_checkpoint
 from data import make_loader
-from predict import PROVIDERS, TENSORRT, auto_provider, loads
+from predict import PROVIDERS, TENSORRT, loads, providers_for
 from runtime import (device_name, ensure_fits, forward_bytes, number, one_line, pick_device, replacing,
                      run_cli, synchronize, time_calls, write_text)
 
@@ -49,7 +49,7 @@ def max_opset():
     return min(torch_max, onnx.defs.onnx_opset_version())
 
 
-class Float16(nn.Module):
+class Float16(torch.nn.Module):
     """float32 in and out, float16 inside: the casts become nodes of the exported graph."""
 
     def __init__(self, model):
@@ -106,12 +106,11 @@ def export_onnx(model, info, path, *, opset=18, dynamic_batch=True, fp16=False):
                       "(torchvision's resize = PIL's triangle filter) on uint8 pixels, rounded to uint8"}
     program.model.metadata_props.update(  # str -> str: lists and dicts as JSON
         {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items() if v is not None})
-    path = Path(path)
     if sum(t.numel() * t.element_size() for t in module.state_dict().values()) > EXTERNAL_DATA_BYTES:
         # Written in place: the .onnx names its <name>.onnx.data file, so a temp name renamed
         # afterwards would point at a data file that is not there.
         program.save(path, external_data=True)
-        return path.with_name(path.name + ".data")
+        return Path(f"{path}.data")
     with replacing(path) as tmp:
         program.save(tmp, external_data=False)
     return None
@@ -130,12 +129,10 @@ def export_aoti(model, info, path, *, device, dynamic_batch=True, fp16=False):
 
 # --------------------------------------------------------------------------- onnxruntime
 def ort_session(path, provider, *, threads=None, batch_shape=None, exact=False):
-    """An InferenceSession on exactly `provider` ('tensorrt' | 'cuda' | 'cpu'); ValueError when that
-    provider cannot run here. batch_shape (N, C, H, W): the only shape it will see (CUDA graphs, a
-    TensorRT profile). exact: CUDA without TF32 (for --check: measure the export, not the arithmetic;
-    TensorRT has no such option: --check gives it TF32_TOLERANCE)."""
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    """An InferenceSession on exactly `provider` ('tensorrt' | 'cuda' | 'cpu'), else ValueError.
+    batch_shape (N, C, H, W): the only shape it will see (CUDA graphs, a TensorRT profile). exact: CUDA
+    without TF32, for --check (TensorRT has no such option: --check gives it TF32_TOLERANCE)."""
+    so = ort.SessionOptions()  # all graph optimizations: onnxruntime's default
     so.log_severity_level = 3  # errors only: no per-node placement warnings
     if threads:
         so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
@@ -164,20 +161,19 @@ def ort_session(path, provider, *, threads=None, batch_shape=None, exact=False):
 
 
 def pick_provider(name, device):
-    """auto: on a GPU TensorRT when its library loads, else CUDA (saying why on stderr); CPU otherwise."""
+    """auto: on a GPU TensorRT when its library loads, else CUDA (saying why on stderr; for a CPU-only
+    onnxruntime ort_session then says so in one line); CPU otherwise."""
     if name not in ("auto", "cpu") and device.type != "cuda":
         raise ValueError(f"--provider {name} needs a CUDA device (--device cuda)")
     if name != "auto" or device.type != "cuda":
         return "cpu" if name == "auto" else name
-    name = auto_provider(ort.get_available_providers())
-    return "cuda" if name == "cpu" else name  # a CPU-only onnxruntime: ort_session says so in one line
+    return "tensorrt" if providers_for("auto")[0] == PROVIDERS["tensorrt"] else "cuda"
 
 
 class OrtRunner:
-    """Runs a session on torch tensors. On CUDA, input and output stay on the GPU (I/O binding with
-    the torch buffers' addresses): no host copies, as PyTorch has none. graphs: the session replays
-    CUDA graphs, which read the addresses bound at capture: its first input buffer stays bound (and
-    referenced), other buffers are copied into it, another shape is refused."""
+    """A session on torch tensors; on CUDA, input and output stay on the GPU (I/O binding), as PyTorch's.
+    graphs: the session replays CUDA graphs, which read the addresses bound at capture: the first input
+    buffer stays bound (and referenced), others are copied into it, another shape is refused."""
 
     def __init__(self, sess, graphs=False):
         self.sess, self.graphs, self.binding, self.x = sess, graphs, None, None
@@ -220,8 +216,7 @@ def normalized_batches(split, ck, batch_size):
     """float32 numpy batches (x, labels) of a split, normalized exactly as training normalizes."""
     loader = make_loader(split, mean=ck["mean"], std=ck["std"], batch_size=batch_size, train=False,
                          workers=0, image_size=ck["image_size"])
-    for x, y in loader:
-        yield x.cpu().numpy(), y.cpu().numpy()
+    return ((x.numpy(), y.numpy()) for x, y in loader)  # a CPU loader
 
 
 @contextlib.contextmanager
@@ -251,8 +246,7 @@ def check(runners, model, ck, args, device, real=None, tf32=()):
         ref = model(x)
         scale = max(ref.abs().max().item(), 1e-12)
         for name, runner in runners.items():
-            # A static-batch export takes one image at a time.
-            out = torch.cat([runner(chunk.to(device)).float().cpu()
+            out = torch.cat([runner(chunk.to(device)).float().cpu()  # static batch: one image at a time
                              for chunk in x.split(len(x) if args.dynamic_batch else 1)])
             diff = (out - ref).abs().max().item()
             agree = (out.argmax(1) == ref.argmax(1)).float().mean().item()
@@ -297,25 +291,19 @@ def calibration_batches(ck, args, data):
 
 
 def quantize_int8(onnx_path, int8_path, batches, calibration):
-    """onnxruntime's static quantization: pre-processing, then QDQ with per-channel int8 weights and
-    uint8 activations (the pair x86 CPUs run fastest: VPMADDUBSW / VNNI), min/max ranges from
-    `batches`. The fp32 file's metadata is carried over, with precision int8 and the calibration.
-    For the CPU only: TensorRT refuses uint8 activations with zero points, and the CUDA provider runs
-    such a file as fp32 convolutions between Quantize/DequantizeLinear (slower than fp32, not int8)."""
+    """onnxruntime's static quantization: QDQ, per-channel int8 weights, uint8 activations (the pair x86
+    CPUs run fastest: VPMADDUBSW / VNNI), min/max ranges from `batches`; the fp32 file's metadata plus
+    precision and calibration. CPU only: TensorRT refuses uint8 activations with zero points, and CUDA
+    runs such a file as fp32 convolutions between Quantize/DequantizeLinear (slower than fp32)."""
     import onnx
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    class Reader(CalibrationDataReader):
-        feeds = iter([{"input": x} for x in batches])
-
-        def get_next(self):
-            return next(self.feeds, None)
-
+    feeds = iter([{"input": x} for x in batches])
+    reader = SimpleNamespace(get_next=lambda: next(feeds, None))  # all a CalibrationDataReader needs
     props = {p.key: p.value for p in onnx.load(str(onnx_path), load_external_data=False).metadata_props}
     with replacing(int8_path) as tmp:  # pre-processed into tmp, then quantized in place
         quant_pre_process(str(onnx_path), str(tmp))
-        quantize_static(tmp, tmp, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+        quantize_static(tmp, tmp, reader, quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
         model = onnx.load(str(tmp))
         onnx.helper.set_model_props(model, {**props, "precision": "int8", "calibration": calibration})
@@ -326,13 +314,11 @@ def quantize_int8(onnx_path, int8_path, batches, calibration):
 def check_int8(onnx_path, int8_path, ck, args, data, threads):
     """fp32 and int8 top-1 on the test split and their agreement (on random inputs agreement only),
     on the CPU provider, the one the file is for; ValueError when int8 loses > --int8-max-drop points."""
-    fp32 = ort_session(onnx_path, "cpu", threads=threads)
-    int8 = ort_session(int8_path, "cpu", threads=threads)
+    fp32, int8 = (ort_session(p, "cpu", threads=threads) for p in (onnx_path, int8_path))
     step = 256 if args.dynamic_batch else 1  # a static-batch export takes one image at a time
     run = lambda sess, x: np.concatenate([sess.run(["logits"], {"input": x[i:i + step]})[0].argmax(1)  # noqa
                                           for i in range(0, len(x), step)])
-    if data is None:  # --random-calibration: the test split may still be there
-        data = load_data_of(ck, args)[0]
+    data = data or load_data_of(ck, args)[0]  # --random-calibration: the test split may still be there
     if data is None or not len(data.test):
         c, s = ck["in_channels"], ck["image_size"]
         x = np.random.default_rng(0).standard_normal((64, c, s, s), dtype=np.float32)
@@ -448,12 +434,12 @@ def get_args_parser():
 
 
 def output_paths(args):
-    ckpt = Path(args.checkpoint)
-    base = Path(args.out or ckpt.with_name(ckpt.stem + (".fp16" if args.fp16 else "") + ".onnx"))
-    formats = ["onnx", "aoti"] if args.format == "all" else [args.format]
+    """{format: path}: --out for one format; else the ONNX path (--out or beside CKPT) per format."""
+    base = Path(args.out or Path(args.checkpoint).with_suffix(".fp16.onnx" if args.fp16 else ".onnx"))
     if args.out and args.format != "all":
-        return {formats[0]: base}
-    return {f: base.with_suffix(".onnx" if f == "onnx" else ".pt2") for f in formats}
+        return {args.format: base}
+    return {f: base.with_suffix(suffix) for f, suffix in (("onnx", ".onnx"), ("aoti", ".pt2"))
+            if args.format in (f, "all")}
 
 
 def main(args):
@@ -466,12 +452,10 @@ def main(args):
         raise ValueError("--int8 quantizes the fp32 ONNX export: drop --fp16 and use --format onnx or all")
     if args.random_calibration and not args.int8:
         raise ValueError("--random-calibration calibrates --int8: add --int8")
-    device = pick_device(args.device)
-    ck = load_checkpoint(args.checkpoint)
+    device, ck = pick_device(args.device), load_checkpoint(args.checkpoint)
     if args.ema and not ck["ema"]:
         raise ValueError(f"--ema: {args.checkpoint} has no EMA weights")
-    model = model_from_checkpoint(ck, ema=args.ema)  # eval mode, CPU
-    info = model_info(ck, args.checkpoint)
+    model, info = model_from_checkpoint(ck, ema=args.ema), model_info(ck, args.checkpoint)  # eval, CPU
     shape = (info["in_channels"], info["image_size"], info["image_size"])
     per_image, size = forward_bytes(model, shape), "x".join(map(str, shape))
     ensure_fits(per_image * 64, "cpu", f"the check and export inputs (up to 64 {size} images)",

@@ -56,28 +56,22 @@ def read_image(path):
 
 
 def _resize_weights(n_in, n_out):
-    """(n_out x n_in integer weights, precision bits) of antialiased bilinear resampling as torch
-    computes them for uint8 (aten's _compute_index_ranges_int16_weights: PIL's triangle filter,
-    widened when shrinking, normalized per output, scaled to int16), in doubles as torch's."""
+    """(n_out x n_in integer weights, precision bits) of torch's antialiased bilinear uint8 resize (aten's
+    _compute_index_ranges_int16_weights: PIL's triangle filter widened when shrinking), in doubles."""
     scale = n_in / n_out
     support, invscale = (scale, 1.0 / scale) if scale >= 1.0 else (1.0, 1.0)
-    max_taps = int(math.ceil(support)) * 2 + 1
-    rows, wt_max = [], 0.0
-    for i in range(n_out):
-        center = scale * (i + 0.5)
-        lo = max(int(center - support + 0.5), 0)  # int(): truncation toward zero, as the C++ cast
-        count = min(max(min(int(center + support + 0.5), n_in) - lo, 0), max_taps)
-        w = [max(0.0, 1.0 - abs((j + lo - center + 0.5) * invscale)) for j in range(count)]
-        total = float(np.cumsum([0.0] + w)[-1])  # left to right as the C++ loop (sum() compensates in 3.12)
-        if total != 0.0:
-            w = [v / total for v in w]
-            wt_max = max([wt_max] + w)
-        rows.append((lo, w))
+    center = scale * (np.arange(n_out) + 0.5)
+    lo = np.maximum((center - support + 0.5).astype(np.int64), 0)  # truncated toward zero, as the C++ cast
+    hi = np.minimum((center + support + 0.5).astype(np.int64), n_in)
+    j = np.arange(math.ceil(support) * 2 + 1)
+    taps = j < np.clip(hi - lo, 0, None)[:, None]  # n_out x taps: the taps each output has
+    w = np.maximum(0.0, 1.0 - np.abs((j + lo[:, None] - center[:, None] + 0.5) * invscale)) * taps
+    total = np.cumsum(w, axis=1)[:, -1:]  # left to right as the C++ loop (np.sum is pairwise)
+    w = np.divide(w, total, out=w, where=total != 0)
     # As many bits (at most 22) as keep the largest weight below 2**15.
-    precision = next((p for p in range(22) if int(0.5 + wt_max * (1 << (p + 1))) >= 1 << 15), 22)
-    m = np.zeros((n_out, n_in))
-    for i, (lo, w) in enumerate(rows):  # the weights are >= 0: int(0.5 + v), as torch rounds them
-        m[i, lo:lo + len(w)] = np.trunc(np.asarray(w) * (1 << precision) + 0.5)
+    precision = next((p for p in range(22) if int(0.5 + w.max() * (1 << (p + 1))) >= 1 << 15), 22)
+    m, (r, t) = np.zeros((n_out, n_in)), np.nonzero(taps)
+    m[r, lo[r] + t] = np.trunc(w[r, t] * (1 << precision) + 0.5)  # the weights are >= 0: as torch rounds
     return m, precision
 
 
@@ -95,13 +89,12 @@ def resize(img, size):
 
 def convert_channels(img, channels):
     """uint8 H x W x C -> H x W x channels as data.py converts: gray -> RGB by repetition, RGB ->
-    gray by Pillow's fixed-point luminance (R 299/1000 + G 587/1000 + B 114/1000)."""
+    gray by Pillow's fixed-point luminance (R 299/1000 + G 587/1000 + B 114/1000, times 2**16)."""
     c = img.shape[2]
     if c == 1 and channels == 3:
         return np.repeat(img, 3, axis=2)
     if c == 3 and channels == 1:
-        w = img.astype(np.int32)
-        lum = (w[..., 0] * 19595 + w[..., 1] * 38470 + w[..., 2] * 7471 + 0x8000) >> 16
+        lum = (img.astype(np.int64) @ np.array([19595, 38470, 7471]) + 0x8000) >> 16
         return lum.astype(np.uint8)[..., None]
     if c != channels:
         raise PredictError(f"cannot convert a {c}-channel image to {channels} channels")
@@ -121,9 +114,8 @@ def normalize(x, mean, std):
 
 # --------------------------------------------------------------------------- model
 def loads(lib):
-    """Whether a shared library loads (Linux names; elsewhere assumed present: onnxruntime decides).
-    TensorRT also from pip's wheel (tensorrt-cu13-libs), whose folder site-packages/tensorrt_libs the
-    loader does not search: importing that package loads its libraries, found by name from then on."""
+    """Whether a shared library loads (Linux names; elsewhere onnxruntime decides). TensorRT also from
+    pip's tensorrt-cu13-libs, whose folder the loader does not search: importing it loads its libraries."""
     for attempt in range(2):
         try:
             return not sys.platform.startswith("linux") or bool(ctypes.CDLL(lib))
@@ -134,48 +126,40 @@ def loads(lib):
                 import tensorrt_libs  # noqa: F401
 
 
-def auto_provider(available):
-    """TensorRT when its libraries load, else CUDA where there is an NVIDIA driver, else the CPU. A GPU
-    without TensorRT is said on stderr: TensorRT is usually the faster of the two."""
-    name = next(p for p in PROVIDERS if PROVIDERS[p] in available and all(map(loads, NEEDS[p])))
-    if name == "cuda":
-        why = f"{TENSORRT} (TensorRT 10) does not load" if PROVIDERS["tensorrt"] in available else \
-            f"onnxruntime {ort.__version__} has no TensorRT provider"
-        print(f"note: --provider auto: CUDA, not TensorRT: {why} (docs/deploy.md: install)", file=sys.stderr)
-    return name
-
-
 def providers_for(name):
-    """`name` and the providers after it (each takes the nodes an earlier one lacks)."""
+    """`name` and the providers after it (each takes the nodes an earlier one lacks). auto: TensorRT
+    when its libraries load, else CUDA where there is an NVIDIA driver (saying on stderr why not
+    TensorRT, usually the faster), else the CPU."""
     available = ort.get_available_providers()
     if name == "auto":
-        name = auto_provider(available)
+        name = next(p for p in PROVIDERS if PROVIDERS[p] in available and all(map(loads, NEEDS[p])))
+        if name == "cuda":
+            why = f"{TENSORRT} (TensorRT 10) does not load" if PROVIDERS["tensorrt"] in available else \
+                f"onnxruntime {ort.__version__} has no TensorRT provider"
+            print(f"note: --provider auto: CUDA, not TensorRT: {why} (docs/deploy.md: install)",
+                  file=sys.stderr)
     elif PROVIDERS[name] not in available:
         raise PredictError(f"onnxruntime {ort.__version__} has no {PROVIDERS[name]} (it has "
                            f"{', '.join(available)}); for CUDA/TensorRT: pip install onnxruntime-gpu")
-    elif not all(map(loads, NEEDS[name])):
-        missing = ", ".join(lib for lib in NEEDS[name] if not loads(lib))
-        raise PredictError(f"--provider {name}: {missing} does not load here (no NVIDIA driver"
+    elif missing := [lib for lib in NEEDS[name] if not loads(lib)]:
+        raise PredictError(f"--provider {name}: {', '.join(missing)} does not load here (no NVIDIA driver"
                            f"{' or TensorRT 10' if name == 'tensorrt' else ''}?)")
-    return [PROVIDERS[p] for p in list(PROVIDERS)[list(PROVIDERS).index(name):]]
+    return list(PROVIDERS.values())[list(PROVIDERS).index(name):]
 
 
 def tensorrt_options(path, inp, batch_size):
     """An engine cache beside the model (else in the user's cache folder) and, for a dynamic batch, a
-    profile of batches 1..batch_size: neither a new process nor the last, smaller batch rebuilds the
-    engine. The cache files are named after the model's bytes: onnxruntime's own key hashes the
-    file name and graph but not the weights, so a re-exported best.onnx would get the old engine."""
-    path = Path(path)
-    cache = path.with_name(path.name + ".tensorrt")
-    if not os.access(path.parent, os.W_OK):
-        cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "deeper-networks-tensorrt"
+    profile of batches 1..batch_size: neither a new process nor a smaller last batch rebuilds the engine.
+    Cache files are named after the model's bytes: onnxruntime's own key ignores the weights."""
+    cache = Path(f"{path}.tensorrt") if os.access(Path(path).parent, os.W_OK) else \
+        Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "deeper-networks-tensorrt"
     cache.mkdir(parents=True, exist_ok=True)
-    options = {"trt_engine_cache_enable": "1", "trt_engine_cache_path": str(cache),
-               "trt_engine_cache_prefix": "sha256_" + hashlib.sha256(path.read_bytes()).hexdigest()[:20]}
+    options = {"trt_engine_cache_enable": "1", "trt_engine_cache_path": str(cache), "trt_engine_cache_prefix":
+               "sha256_" + hashlib.sha256(Path(path).read_bytes()).hexdigest()[:20]}
     if not isinstance(inp.shape[0], int):
-        chw = "x".join(map(str, inp.shape[1:]))
-        options.update(trt_profile_min_shapes=f"{inp.name}:1x{chw}", trt_profile_opt_shapes=f"{inp.name}:"
-                       f"{batch_size}x{chw}", trt_profile_max_shapes=f"{inp.name}:{batch_size}x{chw}")
+        shape = {n: f"{inp.name}:{n}x" + "x".join(map(str, inp.shape[1:])) for n in (1, batch_size)}
+        options.update(trt_profile_min_shapes=shape[1], trt_profile_opt_shapes=shape[batch_size],
+                       trt_profile_max_shapes=shape[batch_size])
     return options
 
 
@@ -193,8 +177,8 @@ class Model:
         try:  # TensorRT: a CPU session first, for the input's name and size (its profile)
             self.sess = ort.InferenceSession(str(path), providers=chain[-1:] if trt else chain)
             if trt:
-                options = tensorrt_options(path, self.sess.get_inputs()[0], batch_size)
-                self.sess.set_providers([(chain[0], options), *chain[1:]])
+                self.sess.set_providers([(chain[0], tensorrt_options(path, self.sess.get_inputs()[0],
+                                                                     batch_size)), *chain[1:]])
         except Exception as e:  # onnxruntime raises its own exception types for bad files
             raise PredictError(f"cannot load {path}: {str(e).strip().splitlines()[0][:300]}") from None
         self.provider = self.sess.get_providers()[0]
@@ -211,22 +195,20 @@ class Model:
             raise PredictError(f"{path} lacks export.py's metadata or it is malformed (classes: one per "
                                "logit; mean, std: one per channel; image_size, in_channels): export it with "
                                "`python export.py CKPT`") from None
-        self.precision = meta.get("precision", "fp32")
-        inp = self.sess.get_inputs()[0]
+        self.precision, inp = meta.get("precision", "fp32"), self.sess.get_inputs()[0]
         self.input_name, self.output_name = inp.name, self.sess.get_outputs()[0].name
         self.max_batch = inp.shape[0] if isinstance(inp.shape[0], int) else None  # static-batch export: 1
 
     def predict(self, paths, top_k):
-        """[(path, [(index, name, probability), ...]), ...] for a batch of image files."""
+        """[{image, top_k: [{index, class, probability}, ...]}, ...] for at most max_batch image files."""
         x = normalize(np.stack([preprocess_uint8(p, self.image_size, self.in_channels) for p in paths]),
                       self.mean, self.std)
-        step = self.max_batch or len(x)
-        logits = np.concatenate([self.sess.run([self.output_name], {self.input_name: x[i:i + step]})[0]
-                                 for i in range(0, len(x), step)]).astype(np.float64)
+        logits = self.sess.run([self.output_name], {self.input_name: x})[0].astype(np.float64)
         prob = np.exp(logits - logits.max(1, keepdims=True))
         prob /= prob.sum(1, keepdims=True)
         order = np.argsort(-logits, axis=1, kind="stable")[:, :top_k]  # ties: lower index first, as argmax
-        return [(p, [(int(c), self.classes[c], float(prob[i, c])) for c in order[i]])
+        return [{"image": p, "top_k": [{"index": int(c), "class": self.classes[c],
+                                        "probability": float(prob[i, c])} for c in order[i]]}
                 for i, p in enumerate(paths)]
 
 
@@ -265,23 +247,18 @@ def get_args_parser():
     return p
 
 
-def main(args, out=None):
-    out, files = out or sys.stdout, image_files(args.inputs)
-    model = Model(args.model, args.provider, args.batch_size)
-    k = min(args.top_k, len(model.classes))
-    results = []
-    for i in range(0, len(files), args.batch_size):
-        for path, top in model.predict(files[i:i + args.batch_size], k):
-            results.append({"image": path, "top_k": [{"index": c, "class": name, "probability": prob}
-                                                     for c, name, prob in top]})
-            if not args.json:
-                out.writelines(f"{path}\t{rank}\t{c}\t{name}\t{prob:.6f}\n"
-                               for rank, (c, name, prob) in enumerate(top, 1))
+def main(args):
+    files, model = image_files(args.inputs), Model(args.model, args.provider, args.batch_size)
+    k, step, results = min(args.top_k, len(model.classes)), model.max_batch or args.batch_size, []
+    for i in range(0, len(files), step):
+        results += (batch := model.predict(files[i:i + step], k))
+        if not args.json:  # cpp/classify's lines
+            sys.stdout.writelines(f"{r['image']}\t{n}\t{t['index']}\t{t['class']}\t{t['probability']:.6f}\n"
+                                  for r in batch for n, t in enumerate(r["top_k"], 1))
     if args.json:
-        json.dump({"model": str(args.model), "precision": model.precision, "provider": model.provider,
-                   "image_size": model.image_size, "in_channels": model.in_channels, "predictions": results},
-                  out, indent=1)
-        out.write("\n")
+        print(json.dumps({"model": str(args.model), "precision": model.precision, "provider": model.provider,
+                          "image_size": model.image_size, "in_channels": model.in_channels,
+                          "predictions": results}, indent=1))
     return results
 
 
