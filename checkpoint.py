@@ -224,7 +224,7 @@ def load_init(path):
         ck = check_fields(ck, path)
         return ck["model"], {"source": str(path), "model_name": ck["model_name"], "mean": ck["mean"],
                              "std": ck["std"], **({"init": ck["init"]} if ck["init"] else {})}
-    if ck and _state(ck):
+    if _state(ck) and ck:
         return {re.sub(r"^(module\.|_orig_mod\.)+", "", k): v for k, v in ck.items()}, {"source": str(path)}
     raise CheckpointError(f"{path} is neither a deeper-networks checkpoint nor a state_dict (of tensors)")
 
