@@ -1,14 +1,9 @@
-"""Weights in and out: the checkpoint format (one dict, made, written atomically, loaded and checked
-here only), torchvision's ImageNet weights and transfer into our models, the run dir's lock.
+"""Weights in and out: the checkpoint format (SCHEMA's fields, docs/training.md: made, saved atomically,
+loaded and checked here only), torchvision's weights and transfer, the run dir's lock and best.pt repair.
 
     import checkpoint
     ck = checkpoint.load_checkpoint("runs/demo/best.pt")     # weights_only load + every field checked
     model = checkpoint.model_from_checkpoint(ck)              # rebuilt from the file alone, eval mode
-
-A checkpoint is a dict that torch.load(path, weights_only=True) reads, with the fields of SCHEMA
-(docs/training.md). train.py makes it with make_checkpoint() and writes it with save(); link()
-puts a second name on a saved file (best.pt beside last.pt) without writing it again. The run
-dir's lock and the best.pt repair of a resume live here too.
 """
 import errno
 import math
@@ -49,8 +44,8 @@ def _reals(positive):
     return lambda v: isinstance(v, (list, tuple)) and v and all(map(ok, v))
 
 
-def _str(v):
-    return isinstance(v, str)
+def _is(kind, items=object):  # isinstance(v, kind) with every element (a dict's keys) an `items`
+    return lambda v: isinstance(v, kind) and all(isinstance(x, items) for x in v)
 
 
 def _or_none(check):
@@ -62,23 +57,22 @@ def _or_none(check):
 SCHEMA = {
     "format": (lambda v: v == FORMAT, repr(FORMAT)),
     "model_name": (lambda v: isinstance(v, str) and v in MODELS, "a model name of models.MODELS"),
-    "model_options": (lambda v: isinstance(v, dict) and all(map(_str, v)), "a dict of options"),
+    "model_options": (_is(dict, str), "a dict of options"),
     "num_classes": _int(1), "in_channels": _int(1), "image_size": _int(1),
     "model": (_state, "a state_dict (names -> tensors)"),
-    "classes": (_or_none(lambda v: isinstance(v, list) and all(map(_str, v))),
-                "None or a list of class names (strings)"),
+    "classes": (_or_none(_is(list, str)), "None or a list of class names (strings)"),
     "mean": (_or_none(_reals(False)), "None or a list of finite numbers"),
     "std": (_or_none(_reals(True)), "None or a list of numbers > 0"),
-    "args": (lambda v: isinstance(v, dict) and all(map(_str, v)), "a dict of training arguments"),
+    "args": (_is(dict, str), "a dict of training arguments"),
     "epoch": _int(0),
     "ema": (_or_none(_state), "None or a state_dict"),
-    "optimizer": (_or_none(lambda v: isinstance(v, dict)), "None or an optimizer state dict"),
-    "scheduler": (_or_none(lambda v: isinstance(v, dict)), "None or a scheduler state dict"),
-    "scaler": (_or_none(lambda v: isinstance(v, dict)), "None or a GradScaler state dict"),
+    "optimizer": (_or_none(_is(dict)), "None or an optimizer state dict"),
+    "scheduler": (_or_none(_is(dict)), "None or a scheduler state dict"),
+    "scaler": (_or_none(_is(dict)), "None or a GradScaler state dict"),
     "rng": (_or_none(lambda v: isinstance(v, dict) and torch.is_tensor(v.get("torch"))),
             "None or a dict with the torch RNG state"),
-    "history": (lambda v: isinstance(v, list) and all(isinstance(r, dict) for r in v), "a list of dicts"),
-    "init": (_or_none(lambda v: isinstance(v, dict)), "None or a dict"),
+    "history": (_is(list, dict), "a list of dicts"),
+    "init": (_or_none(_is(dict)), "None or a dict"),
 }
 REQUIRED = ("format", "model_name", "model_options", "num_classes", "in_channels", "image_size", "model")
 # Without these a checkpoint holds weights only: it cannot continue a run.
@@ -91,9 +85,8 @@ def _show(v):
 
 
 def check_fields(ck, path):
-    """Every field's type and shape, once, where a checkpoint is loaded: CheckpointError
-    "CKPT: <field> is <what>, expected <what>" for the first that is wrong. Optional fields that
-    are absent count as None (args {} and history [] where absent)."""
+    """Every field's type and shape, once: CheckpointError "CKPT: <field> is <what>, expected <what>"
+    for the first that is wrong. Absent optional fields become None (args {}, history [])."""
     missing = [k for k in REQUIRED if k not in ck]
     if missing:
         raise CheckpointError(f"{path} is not a deeper-networks checkpoint (missing: {', '.join(missing)})")
@@ -104,18 +97,16 @@ def check_fields(ck, path):
     for key, (ok, expected) in SCHEMA.items():
         if not ok(ck[key]):
             raise CheckpointError(f"{path}: {key} is {_show(ck[key])}, expected {expected}")
-    for key, n in (("classes", ck["num_classes"]), ("mean", ck["in_channels"]), ("std", ck["in_channels"])):
-        if ck[key] is not None and len(ck[key]) != n:
-            raise CheckpointError(f"{path}: {key} has {len(ck[key])} entries, expected {n} "
-                                  f"({'num_classes' if key == 'classes' else 'in_channels'})")
+    for key, size in (("classes", "num_classes"), ("mean", "in_channels"), ("std", "in_channels")):
+        if ck[key] is not None and len(ck[key]) != ck[size]:
+            raise CheckpointError(f"{path}: {key} has {len(ck[key])} entries, expected {ck[size]} ({size})")
     return ck
 
 
 def make_checkpoint(*, model_name, model_options, num_classes, in_channels, image_size, model,
                     classes=None, mean=None, std=None, args=None, epoch=0, ema=None, optimizer=None,
                     scheduler=None, scaler=None, rng=None, history=None, init=None):
-    """The checkpoint dict. `model` / `ema`: state_dicts of the unwrapped module (no `module.` or
-    `_orig_mod.` prefixes)."""
+    """The checkpoint dict; `model` / `ema`: state_dicts of the unwrapped module (no prefixes)."""
     return {"format": FORMAT, "model_name": model_name, "model_options": dict(model_options),
             "num_classes": num_classes, "in_channels": in_channels, "image_size": image_size,
             "classes": [str(c) for c in classes] if classes is not None else None,
@@ -128,8 +119,8 @@ def make_checkpoint(*, model_name, model_options, num_classes, in_channels, imag
 
 def save(ck, path):
     """Write atomically: a kill or a full disk never leaves half a file in place of a good one."""
-    # Through a Python file: a full disk then surfaces as OSError(ENOSPC) from its write(); given a
-    # path, torch writes through its own stream and reports only "unexpected pos N vs M".
+    # Through a Python file, whose write() raises OSError(ENOSPC) on a full disk; given a path, torch
+    # writes through its own stream and reports only "unexpected pos N vs M".
     with replacing(path) as tmp, open(tmp, "wb") as f:
         torch.save(ck, f)
 
@@ -138,10 +129,7 @@ def link(src, dst):
     """Give the saved file `src` the name `dst` too, atomically (a hard link, or a copy where the
     file system has none). save() replaces files, never edits them, so the names stay independent."""
     with replacing(dst) as tmp:
-        try:
-            os.remove(tmp)  # a stale temp file from a killed run: os.link will not overwrite it
-        except FileNotFoundError:
-            pass
+        tmp.unlink(missing_ok=True)  # a stale temp file from a killed run: os.link will not overwrite it
         try:
             os.link(src, tmp)
         except OSError as e:
@@ -150,9 +138,8 @@ def link(src, dst):
             shutil.copyfile(src, tmp)  # no hard links here (FAT, some network file systems)
 
 
-# What torch's weights_only unpickler says when a file asks for code or objects (torch <= 2.x:
-# "Unsupported global: GLOBAL x.y was not an allowed global"; torch 2.14: "... whose module posix
-# is blocked"), or a refused call.
+# What torch's weights_only unpickler says when a file asks for code or objects ("Unsupported global:
+# GLOBAL x.y was not an allowed global"; torch 2.14: "... whose module posix is blocked") or a call.
 _BLOCKED = re.compile(r"unsupported global|whose module \S+ is blocked|call reduce for unrecognized "
                       r"function|can only (?:create new object|build)", re.IGNORECASE)
 
@@ -173,8 +160,8 @@ def load_file(path):
     except EOFError:
         raise CheckpointError(f"cannot read checkpoint {path}: empty or truncated file") from None
     except Exception as e:  # RuntimeError (bad zip), OSError (a directory), ...
-        why = one_line(str(e).split(". ")[0], 200)
-        raise CheckpointError(f"cannot read checkpoint {path}: {why}") from None
+        raise CheckpointError(f"cannot read checkpoint {path}: "
+                              f"{one_line(str(e).split('. ')[0], 200)}") from None
 
 
 def load_checkpoint(path):
@@ -210,38 +197,34 @@ def model_from_checkpoint(ck, ema=False):
 
 
 def checkpoint_data(ck, source, *, dataset=None, data_dir=None, download=False, **overrides):
-    """The data a checkpoint was trained and tested on, from its recorded arguments (dataset, data
-    dir, val split, limits, seed; image size, channels), labelled in the order of its classes
-    (data.match_classes). `dataset`, `data_dir` and `overrides` (load_data's) replace recorded ones."""
+    """The data a checkpoint was trained and tested on, from its recorded arguments, labelled in the
+    order of its classes (data.match_classes). `dataset`, `data_dir`, `overrides` replace recorded ones."""
     a = ck["args"]
     name = dataset or a.get("dataset")
     if not name:
         raise data.DataError(f"{source} does not record its dataset; pass --dataset")
-    kw = dict(image_size=ck["image_size"], channels=ck["in_channels"], seed=a.get("seed") or 0,
-              val_split=a.get("val_split") or 0.0, limit_train=a.get("limit_train"),
-              limit_test=a.get("limit_test"), download=download)
-    d = data.load_data(name, data_dir or a.get("data_dir") or "data", **{**kw, **overrides})
-    if ck["classes"] is None:
-        if d.num_classes != ck["num_classes"]:
-            raise data.DataError(f"dataset {name} has {d.num_classes} classes but {source} was trained "
-                                 f"for {ck['num_classes']}")
-        return d
-    d, note = data.match_classes(d, ck["classes"], source)
+    d = data.load_data(name, data_dir or a.get("data_dir") or "data", **{
+        "image_size": ck["image_size"], "channels": ck["in_channels"], "seed": a.get("seed") or 0,
+        "val_split": a.get("val_split") or 0.0, "limit_train": a.get("limit_train"),
+        "limit_test": a.get("limit_test"), "download": download, **overrides})
+    if ck["classes"] is None and d.num_classes != ck["num_classes"]:
+        raise data.DataError(f"dataset {name} has {d.num_classes} classes but {source} was trained "
+                             f"for {ck['num_classes']}")
+    d, note = (d, None) if ck["classes"] is None else data.match_classes(d, ck["classes"], source)
     if note:
         print(f"note: {note}", file=sys.stderr)
     return d
 
 
 def load_init(path):
-    """(state_dict, init) to start a run from (--init-from): one of our checkpoints (its weights and
-    the mean/std they were trained with) or a plain state_dict file, e.g. torchvision's .pth (DDP
-    and torch.compile prefixes dropped). init records the source for the new checkpoint."""
+    """(state_dict, init) for --init-from: one of our checkpoints (its weights and the mean/std they were
+    trained with) or a state_dict file, e.g. torchvision's .pth (DDP/compile prefixes dropped)."""
     ck = load_file(path)
     if isinstance(ck, dict) and ck.get("format") == FORMAT:
         ck = check_fields(ck, path)
         return ck["model"], {"source": str(path), "model_name": ck["model_name"], "mean": ck["mean"],
                              "std": ck["std"], **({"init": ck["init"]} if ck["init"] else {})}
-    if isinstance(ck, dict) and ck and all(isinstance(k, str) and torch.is_tensor(v) for k, v in ck.items()):
+    if _state(ck) and ck:
         return {re.sub(r"^(module\.|_orig_mod\.)+", "", k): v for k, v in ck.items()}, {"source": str(path)}
     raise CheckpointError(f"{path} is neither a deeper-networks checkpoint nor a state_dict (of tensors)")
 
@@ -251,38 +234,27 @@ class WeightsError(ValueError):
     """Pretrained weights that cannot be had or do not apply (one-line message)."""
 
 
-def pretrained_names():
-    """The models torchvision publishes ImageNet weights for, in registry order."""
-    import torchvision
-    published = set(torchvision.models.list_models(module=torchvision.models))
-    return [n for n in MODELS if n in published]
-
-
-def _torchvision_layout(name):
-    """The options under which our model is torchvision's architecture (and its weights fit)."""
-    if name.startswith("resnet"):
-        return {"stem": "imagenet", "plain": False}
-    if name == "googlenet":
-        return {"stem": "imagenet", "inception_kernel": 3, "residual": None}
-    if name == "alexnet":
-        return {"stem": "imagenet"}
-    return {"head": "paper"}  # vgg
+# Model name prefix -> the options under which our model is torchvision's architecture (its weights fit).
+_TORCHVISION_LAYOUT = {"resnet": {"stem": "imagenet", "plain": False}, "alexnet": {"stem": "imagenet"},
+                       "googlenet": {"stem": "imagenet", "inception_kernel": 3, "residual": None},
+                       "vgg": {"head": "paper"}}
 
 
 def pretrained_options(name, options):
     """`options` completed with what torchvision's layout needs (ImageNet stem, VGG's paper head,
     GoogLeNet's 3x3 kernel); WeightsError for a model without weights or an option against them."""
-    names = pretrained_names()
+    import torchvision
+    published = set(torchvision.models.list_models(module=torchvision.models))
+    names = [n for n in MODELS if n in published]  # registry order
     if name not in names:
         raise WeightsError(f"{name} has no torchvision ImageNet weights; --pretrained works with: "
                            f"{', '.join(names)}")
     out = {k: v for k, v in options.items() if v is not None}
-    for k, need in _torchvision_layout(name).items():
-        given = out.get(k)
-        if given is None or given == "auto":
-            if need not in (None, False):
-                out[k] = need
-        elif given != need:
+    for k, need in next(v for p, v in _TORCHVISION_LAYOUT.items() if name.startswith(p)).items():
+        given = out.get(k, "auto")
+        if given == "auto" and need not in (None, False):
+            out[k] = need
+        elif given not in ("auto", need):
             raise WeightsError(f"{name} with {k}={given!r} has no torchvision ImageNet weights (they "
                                f"need {k}={need!r}); --pretrained works with: {', '.join(names)} in "
                                "torchvision's layout (no plain twins, residual or 5x5 GoogLeNet, CIFAR stem)")
@@ -302,19 +274,16 @@ def pretrained_weights(name, weights="DEFAULT"):
 
 
 def torchvision_weights(name, weights="DEFAULT", image_size=None):
-    """(state_dict, init) of torchvision's published weights for `name`, through the torch hub
-    cache ($TORCH_HOME/hub/checkpoints, downloaded there when missing). init records where they
-    came from and the normalization they expect: {"source": "torchvision", "weights":
-    "ResNet18_Weights.IMAGENET1K_V1", "mean", "std", "image_size": the crop they were trained on}.
-    WeightsError (one line: the file and where to put it) when neither cached nor downloadable."""
+    """(state_dict, init) of torchvision's published weights for `name`, from the torch hub cache
+    (downloaded there when missing; else a WeightsError saying where to put the file). init: their
+    source, weights, the mean/std they expect and image_size, the crop they were trained on."""
     w = pretrained_weights(name, weights)
     min_size = w.meta["min_size"][0]
     if image_size is not None and image_size < min_size:
         raise WeightsError(f"{name}'s ImageNet layout needs images of at least {min_size} px (got "
                            f"{image_size}): pass --image-size {w.transforms().crop_size[0]} (the size "
                            f"the weights were trained at) or at least {min_size}")
-    hub = os.path.join(torch.hub.get_dir(), "checkpoints")
-    file = os.path.basename(urlparse(w.url).path)
+    hub, file = os.path.join(torch.hub.get_dir(), "checkpoints"), os.path.basename(urlparse(w.url).path)
     path = os.path.join(hub, file)
     try:  # no network needed when the file is cached; a download is checked against its hash
         state = torch.hub.load_state_dict_from_url(w.url, model_dir=hub, map_location="cpu",
@@ -329,12 +298,9 @@ def torchvision_weights(name, weights="DEFAULT", image_size=None):
                            f"put {file} (from {w.url}) at {path} ($TORCH_HOME/hub/checkpoints/"
                            f"{file})") from None
     t = w.transforms()
-    mean, std = list(t.mean), list(t.std)
-    if name == "googlenet":
-        # torchvision turns on transform_input with these weights (ported from the paper's model):
-        # inside the model the ImageNet-normalized input becomes (x - 0.5) / 0.5, which is the same
-        # as normalizing with mean = std = 0.5 outside, so our GoogLeNet needs no extra layer.
-        mean, std = [0.5] * 3, [0.5] * 3
+    # torchvision turns on transform_input with GoogLeNet's weights: inside the model the ImageNet-
+    # normalized input becomes (x - 0.5) / 0.5, i.e. mean = std = 0.5 outside (no extra layer here).
+    mean, std = ([0.5] * 3, [0.5] * 3) if name == "googlenet" else (list(t.mean), list(t.std))
     return state, {"source": "torchvision", "weights": str(w), "mean": mean, "std": std,
                    "image_size": t.crop_size[0]}
 
@@ -343,9 +309,7 @@ def for_channels(values, channels):
     """Per-channel mean or std for `channels`: 1 channel gets the average of RGB's (the summed
     first conv then sees a gray image as its RGB copy), 3 channels repeat a gray value."""
     values = [float(v) for v in values]
-    if len(values) == channels:
-        return values
-    return [sum(values) / len(values)] if channels == 1 else values * channels
+    return [sum(values) / len(values)] if channels < len(values) else values * (channels // len(values))
 
 
 def head_names(model):
@@ -359,31 +323,24 @@ def _is_head(key, heads):
     return any(key.startswith(h + ".") for h in heads)
 
 
-def _first_conv(model):
-    return next(n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)) + ".weight"
-
-
 def load_transfer(model, state_dict, new_head=True):
-    """Load what fits of `state_dict` into `model` and return one summary line. A 3-channel first
-    conv is summed over RGB for a 1-channel model (a gray image then gives the features of its
-    RGB copy). The head (head_names) stays newly initialised when new_head (ImageNet's 1000 classes
-    are not the dataset's) or when its shape differs; other shape mismatches and non-finite
-    tensors are skipped and named. WeightsError when nothing fits."""
-    own = model.state_dict()
-    state = dict(state_dict)
-    heads, notes = head_names(model), []
-    first = _first_conv(model)
+    """Load what fits of `state_dict` into `model`; returns one summary line, WeightsError when nothing
+    fits. A 1-channel model gets a 3-channel first conv summed over RGB (a gray image then gives the
+    features of its RGB copy). The head stays new when new_head (ImageNet's 1000 classes are not the
+    dataset's) or its shape differs; other shape mismatches and non-finite tensors are skipped, named."""
+    own, state, heads, notes = model.state_dict(), dict(state_dict), head_names(model), []
+    first = next(n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)) + ".weight"
     w = state.get(first)
     if (w is not None and w.ndim == 4 and own[first].shape[1] == 1 and w.shape[1] == 3
             and w.shape[0] == own[first].shape[0] and w.shape[2:] == own[first].shape[2:]):
         state[first] = w.sum(1, keepdim=True)
         notes.append(f"{first} summed over RGB for 1 channel")
-    loaded, head, mismatched, unused, nonfinite = {}, [], [], [], []
+    loaded, mismatched, unused, nonfinite = {}, [], [], []
     for k, v in state.items():
         if k not in own:
             unused.append(k)
         elif _is_head(k, heads) and (new_head or v.shape != own[k].shape):
-            head.append(k)
+            continue  # stays newly initialised
         elif v.shape != own[k].shape:
             mismatched.append(f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}")
         elif v.is_floating_point() and not torch.isfinite(v).all():
@@ -395,9 +352,6 @@ def load_transfer(model, state_dict, new_head=True):
         raise WeightsError(f"none of the given weights fit this model ({len(state)} tensors, e.g. "
                            f"{', '.join(list(state)[:3]) or 'none'})")
     model.load_state_dict(loaded, strict=False)
-
-    def some(keys):
-        return ", ".join(keys[:3]) + (", ..." if len(keys) > 3 else "")
     missing = [k for k in body if k not in state]  # absent from the weights (not skipped ones)
     line = f"loaded {len(loaded)} of {len(own)} tensors"
     if any(k not in loaded for k in own if _is_head(k, heads)):
@@ -405,22 +359,20 @@ def load_transfer(model, state_dict, new_head=True):
     for what, keys in (("left at init (not in the weights)", missing), ("shape mismatches", mismatched),
                        ("non-finite", nonfinite), ("unused", unused)):
         if keys:
-            line += f"; {len(keys)} {what}: {some(keys)}"
+            line += f"; {len(keys)} {what}: {', '.join(keys[:3])}{', ...' * (len(keys) > 3)}"
     return line + "".join(f"; {n}" for n in notes)
 
 
 class _EvalBatchNorm2d(nn.BatchNorm2d):
-    """A BatchNorm2d that stays in eval mode (train() cannot switch it on): normalizes with its
-    running statistics and never updates them. Same parameters, buffers and state_dict keys."""
+    """A BatchNorm2d that train() cannot take out of eval mode: running statistics used, never updated."""
 
     def train(self, mode=True):
         return super().train(False)
 
 
 def freeze_backbone(model):
-    """Train only the head (head_names): every other parameter gets requires_grad=False, and every
-    BatchNorm outside the head stays in eval mode, so that the backbone's running statistics do not
-    move either (a linear probe on fixed features). Returns the names of the trainable parameters."""
+    """Train only the head (head_names), a linear probe on fixed features: the backbone's parameters
+    and BatchNorm statistics stay as they are. Returns the names of the trainable parameters."""
     heads = head_names(model)
     for n, p in model.named_parameters():
         p.requires_grad_(_is_head(n, heads))
@@ -439,30 +391,22 @@ _IN_USE = {errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK, getattr(errno, "EDEADL
 
 
 def lock_run_dir(out):
-    """An exclusive lock on the run dir for the run's lifetime: returns the open lock file (closing
-    it, or the process ending, releases it); a second train.py on the same --out fails at once.
-    fcntl.flock where it exists, msvcrt.locking on Windows, no lock where neither works."""
+    """The run dir's lock (fcntl or msvcrt) as an open file, held until closed or the process ends:
+    a second train.py on the same --out fails at once."""
     f = open(Path(out) / LOCK_NAME, "a+")
     try:
         try:
             import fcntl
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except ImportError:
-            try:
-                import msvcrt
-            except ImportError:
-                return f
+        except ImportError:  # Windows
+            import msvcrt
             f.seek(0)
             msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)
-    except OSError as e:
-        if e.errno not in _IN_USE:
-            return f  # a file system without locks (ENOLCK): run without one
-        f.close()
-        raise ValueError(f"{out} is in use by another train.py run (it holds the lock on "
-                         f"{Path(out) / LOCK_NAME}); wait for it to end or pick another --out") from None
-    except BaseException:
-        f.close()
-        raise
+    except (ImportError, OSError) as e:  # in use; else neither module or no locks here (ENOLCK): none
+        if getattr(e, "errno", None) in _IN_USE:
+            f.close()
+            raise ValueError(f"{out} is in use by another train.py run (it holds the lock on "
+                             f"{Path(out) / LOCK_NAME}); wait for it to end or pick another --out") from None
     return f
 
 
@@ -479,8 +423,7 @@ def claim_run_dir(out, resume_path):
 
 
 def best_epoch(history):
-    """The epoch best.pt holds: the first with the best validation top-1; without a validation
-    split, the last epoch."""
+    """The epoch best.pt holds: the first with the best validation top-1, else the last epoch."""
     rows = [r for r in history if r.get("val_acc") is not None]
     if rows:
         return max(rows, key=lambda r: r["val_acc"])["epoch"]

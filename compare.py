@@ -1,13 +1,10 @@
-"""A run's files (metrics.csv, curves.png) and the comparison over runs: tables and figures with a
-row, line or point per configuration, seeds pooled.
+"""A run's files (metrics.csv, curves.png) and the comparison of runs, a row/line/point per configuration.
 
     python evaluate.py runs/depth-*/best.pt --out results/depth    # evaluates, then compares here
     python studies/report.py --compare results/depth_vs_lr          # again, from the runs' files alone
 
-A run is a dict: label ("<run dir>/<checkpoint>"), report (eval.json), config (config.json: args
-plus the model built) and history (metrics.csv rows), made by evaluate.py from checkpoints or by
-load_run_dirs from run folders (results/ keeps no checkpoints; a folder whose files have the
-wrong shape is left out with one `warning: <file>: <what>` line).
+A run is a dict: label ("<run dir>/<checkpoint>"), report (eval.json), config (config.json), history
+(metrics.csv rows), from evaluate.py (a checkpoint) or load_run_dirs (a run folder; malformed: a warning).
 """
 import csv
 import json
@@ -20,9 +17,8 @@ from pathlib import Path
 
 from runtime import one_line, replacing, write_text
 
-# Keys of a run's args (and config.json) that say how or where it ran, not what it trained. Runs
-# equal in everything else (model, its options, data, recipe, epochs, amp...) whose seeds differ
-# are repeats of one configuration and make one group in the comparison: mean +- std over them.
+# Keys of a run's args (and config.json) that say how or where it ran, not what it trained. Runs equal in
+# all else (model, options, data, recipe, epochs, amp...) but the seed make one group: mean +- std over them.
 RUNTIME_KEYS = ("seed", "out", "resume", "device", "workers", "data_dir", "compile", "compile_mode",
                 "tensorboard", "channels_last", "deterministic", "world_size", "torch")
 # config.json's keys computed from the others (mean/std of a seeded training subset vary by seed).
@@ -72,8 +68,7 @@ def read_object(path):
 
 
 def read_report(path):
-    """An eval.json whose fields this file and studies/report.py read have the right types, or
-    ValueError '<path>: <field> is <what>, expected <what>'."""
+    """An eval.json whose fields read here and in studies/report.py are well typed, else ValueError."""
     report = read_object(path)
     for k in NUMBERS + TEXTS:
         v = report.get(k)
@@ -87,13 +82,11 @@ def read_report(path):
 
 
 def read_history(run_dir, fallback=None):
-    """A run's per-epoch rows: its metrics.csv (epoch an int, other numbers float, empty cells
-    None), else `fallback` (the checkpoint's history: the same rows up to its epoch)."""
+    """metrics.csv's rows (epoch an int, other numbers float, empty cells None), else `fallback`."""
     path = Path(run_dir) / "metrics.csv"
     if not path.is_file():
         return list(fallback or [])
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
+    rows = list(csv.DictReader(path.read_text().splitlines()))
     try:
         return [{k: None if v in ("", None) else int(float(v)) if k == "epoch" else float(v)
                  for k, v in row.items()} for row in rows]
@@ -104,10 +97,7 @@ def read_history(run_dir, fallback=None):
 
 def write_metrics(history, path):
     """A run's metrics.csv (train.py writes it every epoch; read_history reads it)."""
-    with replacing(path) as tmp, open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, METRIC_COLUMNS)
-        w.writeheader()
-        w.writerows({k: "" if row.get(k) is None else row[k] for k in METRIC_COLUMNS} for row in history)
+    write_csv(path, METRIC_COLUMNS, [[row.get(k) for k in METRIC_COLUMNS] for row in history])
 
 
 def plot_curves(history, path, title=""):
@@ -132,8 +122,7 @@ def plot_curves(history, path, title=""):
 
 
 def load_run_dirs(dirs):
-    """Runs from their folders' eval.json, config.json and metrics.csv; a folder whose files
-    have the wrong shape is left out with one warning line."""
+    """Runs from their folders' eval.json, config.json and metrics.csv (a malformed folder: a warning)."""
     runs = []
     for d in map(Path, dirs):
         try:
@@ -153,9 +142,8 @@ def config_key(config):
 
 
 def group_runs(runs):
-    """Runs (dicts with "config") -> groups (lists of runs), in first-seen order. Runs with one
-    config_key and pairwise different seeds make one group; a run without recorded args, or whose
-    seed repeats in its bucket (best.pt and last.pt of one run), stays a group of its own."""
+    """Runs -> groups (lists), first seen first: one config_key and pairwise different seeds. A run without
+    recorded args, or whose seed repeats in its bucket (best.pt and last.pt of a run), stays alone."""
     buckets = {}
     for i, r in enumerate(runs):
         buckets.setdefault(config_key(r["config"]) if r["config"] else i, []).append(r)
@@ -163,13 +151,11 @@ def group_runs(runs):
     for members in buckets.values():
         seeds = [repr(m["config"].get("seed")) for m in members]  # repr: any JSON value
         groups += [members] if "None" not in seeds and len({*seeds}) == len(seeds) else [[m] for m in members]
-    first = {id(r): i for i, r in enumerate(runs)}
-    return sorted(groups, key=lambda g: first[id(g[0])])
+    return sorted(groups, key=lambda g: next(i for i, r in enumerate(runs) if r is g[0]))
 
 
 def mean_std(values):
-    """(mean, sample std with ddof=1) of the values that are not None; std None below 2 values.
-    statistics' exact sums: the same mean whatever the order of the runs."""
+    """(mean, sample std (ddof=1) or None below 2) of the values not None; exact sums: any order, one mean."""
     values = [v for v in values if v is not None]
     return statistics.mean(values) if values else None, statistics.stdev(values) if len(values) > 1 else None
 
@@ -190,18 +176,16 @@ def summarize_groups(runs):
     out = []
     for i, members in enumerate(group_runs(runs)):
         seeds = [m["config"].get("seed") for m in members]
-        stats = {k: mean_std([m["report"].get(k) for m in members]) for k in NUMBERS}
         label = group_label([m["label"] for m in members], seeds)
         short = label.removesuffix("/best.pt")
         out.append({"label": label, "short": short, "legend": f"{i + 1}  {short}" + (
             f" (n={len(members)})" if len(members) > 1 else ""), "runs": members, "n": len(members),
-            "seeds": seeds, "stats": stats})
+            "seeds": seeds, "stats": {k: mean_std([m["report"].get(k) for m in members]) for k in NUMBERS}})
     return out
 
 
 def group_curve(runs, key):
-    """Over the epochs every run has `key` for: (epochs, mean, std or None, mean cumulative
-    training seconds or None) lists. Training time = the cumulative sum of epoch_seconds."""
+    """(epochs, means, stds or None, mean cumulative epoch_seconds or None) where every run has `key`."""
     per_run = []
     for r in runs:
         rows, total = {}, 0.0
@@ -212,8 +196,7 @@ def group_curve(runs, key):
         per_run.append(rows)
     epochs = sorted(set.intersection(*(set(rows) for rows in per_run))) if per_run else []
     stats = [mean_std([rows[e][0] for rows in per_run]) for e in epochs]
-    times = [[rows[e][1] for rows in per_run] for e in epochs]
-    secs = [None if None in t else sum(t) / len(t) for t in times]
+    secs = [None if None in t else sum(t) / len(t) for t in ([r[e][1] for r in per_run] for e in epochs)]
     return (epochs, [m for m, _ in stats], [s for _, s in stats] if len(runs) > 1 else None,
             secs if epochs and None not in secs else None)
 
@@ -221,32 +204,28 @@ def group_curve(runs, key):
 def _style(i, n):
     """Colour and line style of group i of n: tab10 / tab20 colours, dashes past 20 groups."""
     from matplotlib import colormaps
-
     cmap = colormaps["tab10" if n <= 10 else "tab20"]
     return cmap(i % cmap.N), ("-", "--", ":", "-.")[(i // cmap.N) % 4]
 
 
-def _finish(fig, axes, groups, title, path):
-    """One legend for all panels, right of them (outside the axes); saved when a path is given."""
+def _finish(axes, n, title, path):
+    """One legend (n groups) for all panels, right of them (outside the axes); saved when a path is given."""
+    fig = axes[0].figure
     fig.tight_layout()
     handles = list(axes[0].get_lines())
     if handles:
-        fig.legend(handles, [h.get_label() for h in handles], loc="upper left", bbox_to_anchor=(1.0, 0.98),
-                   fontsize=8 if len(groups) <= 12 else 7, ncols=1 if len(groups) <= 24 else 2,
-                   frameon=False, title=title, title_fontsize=8)
+        fig.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 0.98), frameon=False, title=title,
+                   title_fontsize=8, fontsize=8 if n <= 12 else 7, ncols=1 if n <= 24 else 2)
     if path is not None:
         save_figure(fig, path, bbox_inches="tight")
     return fig
 
 
 def plot_runs_curves(groups, path=None):
-    """Test top-1 and training loss per epoch (top row) and against training time (bottom row),
-    one line per group (its mean over seeds) with a ± std band where n > 1. Returns the Figure."""
+    """Test top-1, training loss vs epoch and training time: a mean line and ± std band per group."""
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
-
-    fig = Figure(figsize=(12, 8), dpi=100)
-    axes = fig.subplots(2, 2)
+    axes = Figure(figsize=(12, 8), dpi=100).subplots(2, 2)
     curves = [{key: group_curve(g["runs"], key) for key in ("test_top1", "train_loss")} for g in groups]
     longest = max([c[k][3][-1] for c in curves for k in c if c[k][3]], default=0)
     unit, scale = (("s", 1) if longest < 120 else ("min", 60) if longest < 7200 else ("h", 3600))
@@ -267,18 +246,14 @@ def plot_runs_curves(groups, path=None):
             ax.grid(alpha=0.3)
             if row == 0:
                 ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs: no 1.25
-    return _finish(fig, axes.flat, groups, "run (n: seeds; line: mean, band: ± std)", path)
+    return _finish(axes.flat, len(groups), "run (n: seeds; line: mean, band: ± std)", path)
 
 
 def plot_tradeoff(groups, path=None):
-    """Final test top-1 against parameters, MACs and latency, one point per group (its mean,
-    a vertical ± std bar where n > 1), each labelled with its run (its legend number past 8
-    groups; labels left of the points in a panel's right half). x is logarithmic when it spans
-    more than 20x. A panel without values (--no-timing) says so. Returns the Figure."""
+    """Final test top-1 against parameters, MACs and latency: a labelled point per group (mean, ± std bar
+    where n > 1); log x past a 20x span; a panel without values (--no-timing) says so. Returns the Figure."""
     from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(15, 4.8), dpi=100)
-    axes = fig.subplots(1, 3, sharey=True)
+    axes = Figure(figsize=(15, 4.8), dpi=100).subplots(1, 3, sharey=True)
     for ax, (key, xlabel) in zip(axes, (("params", "parameters"), ("macs", "MACs per image"),
                                         ("latency_ms_batch1", "latency at batch 1 (ms)"))):
         points = [(i, g, g["stats"][key][0], *g["stats"]["top1"]) for i, g in enumerate(groups)
@@ -289,33 +264,28 @@ def plot_tradeoff(groups, path=None):
             ax.plot([x], [100 * y], marker="o", linestyle="none", color=color, label=g["legend"])
             if s:
                 ax.vlines(x, 100 * (y - s), 100 * (y + s), color=color, linewidth=1.5)
-            right = len(xs) > 1 and xs.index(x) >= len(xs) / 2
-            ax.annotate(g["short"] if len(groups) <= 8 else str(i + 1), (x, 100 * y),
-                        xytext=(-4 if right else 4, 4), textcoords="offset points", fontsize=7,
-                        ha="right" if right else "left")
+            right = len(xs) > 1 and xs.index(x) >= len(xs) / 2  # label left of the point in the right half
+            ax.annotate(g["short"] if len(groups) <= 8 else str(i + 1), (x, 100 * y), (-4 if right else 4, 4),
+                        textcoords="offset points", fontsize=7, ha="right" if right else "left")
         if not points:
             ax.text(0.5, 0.5, "latency not measured\n(evaluate.py --no-timing)" if key.startswith("latency")
                     else "no values", transform=ax.transAxes, ha="center", va="center", color="0.4")
         else:
-            if xs[0] > 0 and xs[-1] > 20 * xs[0]:
-                ax.set_xscale("log")
-            ax.margins(x=0.1)
+            ax.set(xscale="log" if xs[0] > 0 and xs[-1] > 20 * xs[0] else "linear", xmargin=0.1)
             if len(points) < len(groups):
                 ax.text(0.02, 0.02, f"{len(groups) - len(points)} run(s) without a value", fontsize=7,
                         transform=ax.transAxes)
         ax.set(xlabel=xlabel, title=f"top-1 vs {xlabel.split(' (')[0]}")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("final test top-1 (%)")
-    return _finish(fig, axes, groups, "run (n: seeds; point: mean, bar: ± std)", path)
+    return _finish(axes, len(groups), "run (n: seeds; point: mean, bar: ± std)", path)
 
 
 def comparison(runs, out_dir):
-    """Runs grouped by configuration (seeds pooled: mean +- std): comparison.csv / .md (a row per
-    group), comparison_runs.csv / .md (a row per run), and the figures over runs, curves.png and
-    tradeoff.png (comparison_curves.png / comparison_tradeoff.png when out_dir is a run's own
-    folder, whose curves.png is train.py's). Returns (comparison.md's text, the figures' names)."""
+    """comparison.csv / .md (a row per configuration, seeds pooled), comparison_runs.csv / .md (a row per
+    run), curves.png and tradeoff.png (comparison_*.png in a run's own folder, whose curves.png is
+    train.py's); a group's unequal cells ';'-joined. Returns (comparison.md's text, the figures' names)."""
     groups, out_dir = summarize_groups(runs), Path(out_dir)
-    # one value when all are equal, else ';'-joined (e.g. best.pt epochs that differ)
     same = lambda vs: vs[0] if len(set(map(str, vs))) == 1 else ";".join(map(str, vs))  # noqa: E731
     out_dir.mkdir(parents=True, exist_ok=True)
     rows, run_rows = [], []
@@ -340,19 +310,17 @@ def comparison(runs, out_dir):
             cell("top1", pct, "%"), cell("top5", pct, "%"), cell("loss", "{:.4f}".format),
             cell("latency_ms_batch1", "{:.2f}".format), cell("images_per_second", "{:,.0f}".format),
             cell("epochs"), cell("train_seconds", lambda v: f"{v / 60:.1f}", " min")]) + " |\n"
-
     head = ("| run | model | dataset | {} | params | MACs | top-1 | top-5 | loss | latency b1 (ms) | img/s | "
             "epochs | train time |\n|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|\n")
     note = (f"\nn > 1: the runs differ only in --seed (also ignored: {', '.join(RUNTIME_KEYS[1:])}; and "
             f"config.json's {', '.join(DERIVED_KEYS)}); cells are mean ± std over them, std the sample "
             "standard deviation (ddof=1); latency and img/s are means. Per-run rows: comparison_runs.md / "
-            ".csv.\n")
+            ".csv.\n") if any(g["n"] > 1 for g in groups) else ""
     text = {}
     for name, columns, table, n in (("comparison", COLUMNS, rows, "n"),
                                     ("comparison_runs", RUN_COLUMNS, run_rows, "seed")):
         write_csv(out_dir / f"{name}.csv", columns, [[r.get(c) for c in columns] for r in table])
-        text[name] = head.format(n) + "".join(md(r, r[n]) for r in table)
-        text[name] += note if table is rows and any(g["n"] > 1 for g in groups) else ""
+        text[name] = head.format(n) + "".join(md(r, r[n]) for r in table) + (note if table is rows else "")
         write_text(out_dir / f"{name}.md", text[name])
     own = (out_dir / "metrics.csv").exists() or out_dir.resolve() in {
         Path(m["report"]["checkpoint"]).resolve().parent for m in runs if m["report"].get("checkpoint")}

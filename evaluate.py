@@ -3,26 +3,20 @@
     python evaluate.py runs/cifar10-resnet20-20250101-120000/best.pt --tta --summary
     python evaluate.py runs/depth-*/best.pt --out results/depth   # + compare.py's tables and figures
 
-The test data is rebuilt from the checkpoint alone (checkpoint.checkpoint_data; --dataset / --data-dir
-override it). Per checkpoint the output folder gets eval.json, confusion_matrix.csv/.png,
-misclassified.png, summary.txt: --out for one checkpoint, --out/<run dir> for several
-(<run dir>-<stem> when run dirs repeat), else the checkpoint's folder (eval-<stem>/ in it when
-given checkpoints share it). Several are compared (compare.py) in --out or their common folder.
-eval.json says what ran: "amp", "channels_last", and on CUDA "tf32" and "cudnn_benchmark".
+The test data comes from the checkpoint alone (--dataset / --data-dir override it). Per checkpoint,
+eval.json, confusion_matrix.csv/.png, misclassified.png and summary.txt go to --out for one checkpoint,
+--out/<run dir> for several (<run dir>-<stem> when run dirs repeat), else the checkpoint's folder
+(eval-<stem>/ in it when checkpoints share it); compare.py compares several in --out or their common folder.
 
-Metrics (tested against hand-computed values): top-1 = argmax, ties to the lowest class index;
-top-k: the target's rank (larger logits + tied ones of a lower index) < k, k clipped to the class
-count. A row with a NaN or infinite logit predicts nothing (-1): wrong at every k, in no column of
-the confusion matrix (rows true, columns predicted), counted in "nonfinite_outputs" with a
-warning; the loss is then NaN (null in eval.json). Precision of a never-predicted class = 0.0;
-recall and F1 of a class absent from the labels = None, left out of the macro averages.
+Metrics: top-1 = argmax, ties to the lowest class index; top-k: the target's rank (larger logits + tied
+ones of a lower index) < k, k clipped to the class count. A row with a NaN or infinite logit is a miss
+predicting -1 (docs/training.md). Precision of a class never predicted = 0.0; recall and F1 of a class
+absent from the labels = None, not in the macro averages.
 """
 import argparse
-import itertools
 import json
 import math
 import os
-import re
 import sys
 from pathlib import Path
 
@@ -38,9 +32,8 @@ from runtime import (device_name, dtype_name, ensure_fits, forward_bytes, median
 
 
 def target_rank(logits, targets):
-    """0-based rank of each target class in its row of logits (N x C), ties to the lower index;
-    C (a miss at every k) for a row with any non-finite logit (NaN compares as "not greater",
-    which would otherwise rank the target first)."""
+    """0-based rank of each target in its row of logits (N x C), ties to the lower index; C (a miss at
+    every k) for a row with a non-finite logit (NaN compares "not greater": the target would be first)."""
     t = logits.gather(1, targets[:, None])  # N x 1
     idx = torch.arange(logits.shape[1], device=logits.device)
     above = (logits > t) | ((logits == t) & (idx < targets[:, None]))  # N x C
@@ -48,20 +41,16 @@ def target_rank(logits, targets):
 
 
 def confusion_matrix(preds, targets, num_classes):
-    """C x C int64 counts, rows = true class, columns = predicted class (stays on device).
-    A prediction of -1 (no class: non-finite logits) is counted in no column.
-
-    1-D scatter_add_ rather than bincount: CUDA bincount reads its max back to the host (a
-    sync per batch), and 1-D scatter_add_ is deterministic under torch's deterministic mode."""
+    """C x C int64 counts on the device, rows true, columns predicted; a prediction of -1 in no column.
+    1-D scatter_add_, not bincount: CUDA bincount reads its max back to the host (a sync per batch),
+    and 1-D scatter_add_ is deterministic under torch's deterministic mode."""
     flat = targets.long() * num_classes + preds.long().clamp(min=0)
-    cm = torch.zeros(num_classes * num_classes, dtype=torch.long, device=flat.device)
-    return cm.scatter_add_(0, flat, (preds >= 0).long()).view(num_classes, num_classes)
+    return flat.new_zeros(num_classes ** 2).scatter_add_(0, flat, (preds >= 0).long()).view(num_classes, -1)
 
 
 def per_class_metrics(cm, classes, support=None):
-    """Precision/recall/F1/support per class and their macro averages from a confusion matrix
-    (conventions: module docstring). support: samples per true class when some have no column
-    in cm (non-finite outputs); default: the row sums of cm."""
+    """Precision/recall/F1/support per class and macro averages (conventions: module docstring).
+    support: samples per true class, when some have no column in cm; default: cm's row sums."""
     cm = torch.as_tensor(cm).long().cpu()
     tp, predicted = cm.diag().tolist(), cm.sum(0).tolist()
     support = cm.sum(1).tolist() if support is None else torch.as_tensor(support).long().tolist()
@@ -88,10 +77,9 @@ def forward(model, x, amp_dtype=None, tta=False):
 
 @torch.no_grad()
 def evaluate(model, loader, num_classes, *, amp_dtype=None, tta=False, keep_predictions=False):
-    """One pass: {"loss", "top1", "top5", "n", "nonfinite_outputs", "confusion_matrix" (C x C, CPU),
-    "support" (samples per true class)}; sums stay on the device (no per-batch host sync).
-    keep_predictions adds per-sample "preds" (-1: non-finite logits), "confidence" (softmax of the
-    prediction, 0.0 for -1), "targets" (CPU, loader order). The model's train/eval mode is kept."""
+    """One pass, sums on the device: {loss, top1, top5, n, nonfinite_outputs, confusion_matrix (CPU),
+    support (samples per true class)}; keep_predictions adds per-sample preds (-1: non-finite logits),
+    confidence (softmax of the prediction, 0.0 for -1), targets (CPU). The model's mode is kept."""
     was_training = model.training
     model.eval()
     n, acc, kept = 0, None, []
@@ -100,18 +88,15 @@ def evaluate(model, loader, num_classes, *, amp_dtype=None, tta=False, keep_pred
         rank = target_rank(logits, y)
         bad = ~logits.isfinite().all(1)  # N
         preds = logits.argmax(1).masked_fill_(bad, -1)
-        support = torch.zeros(num_classes, dtype=torch.long, device=y.device)
         batch = (torch.stack([F.cross_entropy(logits, y, reduction="sum"), (rank < 1).sum().float(),
                               (rank < min(5, num_classes)).sum().float(), bad.sum().float()]),
                  confusion_matrix(preds, y, num_classes),
-                 support.scatter_add_(0, y.long(), torch.ones_like(y, dtype=torch.long)))
+                 y.new_zeros(num_classes).scatter_add_(0, y, torch.ones_like(y)))  # samples per class
         acc = batch if acc is None else [a + b for a, b in zip(acc, batch)]
         n += y.shape[0]
         if keep_predictions:
             kept.append((preds, logits.softmax(1).amax(1).masked_fill_(bad, 0.0), y))
     model.train(was_training)
-    if n == 0:
-        raise ValueError("evaluate: the loader yielded no samples")
     (loss, top1, top5, nonfinite), cm, support = acc[0].tolist(), acc[1], acc[2]  # the one host sync
     result = {"loss": loss / n, "top1": top1 / n, "top5": top5 / n, "n": n,
               "nonfinite_outputs": int(nonfinite), "confusion_matrix": cm.cpu(), "support": support.cpu()}
@@ -120,14 +105,11 @@ def evaluate(model, loader, num_classes, *, amp_dtype=None, tta=False, keep_pred
     return result
 
 
-@torch.no_grad()
 def benchmark(model, input_shape, *, batch_size=256, amp_dtype=None, channels_last=False):
-    """Median / p90 latency at batch 1 (ms) and throughput at batch_size (images/s) on random C x H x W
-    inputs on the model's device (short on a CPU); on CUDA with cudnn.benchmark on (each shape's
-    fastest convolution, as onnxruntime's exhaustive search finds), restored afterwards."""
+    """Median / p90 latency at batch 1 (ms) and images/s at batch_size on random inputs on the model's
+    device; on CUDA with cudnn.benchmark on (each shape's fastest convolution, as onnxruntime finds)."""
     device = next(model.parameters()).device
     cuda, was = device.type == "cuda", torch.backends.cudnn.benchmark
-    model.eval()
 
     def timed(b, warmup, repeats, seconds):  # CUDA warm-ups also cover cuDNN autotuning / lazy init
         x = torch.randn(b, *input_shape, device=device)
@@ -147,10 +129,8 @@ def benchmark(model, input_shape, *, batch_size=256, amp_dtype=None, channels_la
             "timing_repeats": [len(lat), len(thr)], "cudnn_benchmark": True if cuda else None}
 
 
-@torch.no_grad()
 def model_summary(model, input_shape, name=""):
-    """Layer table (layer, type, output shape, parameters) from forward hooks on leaf modules
-    at batch 1, plus total parameters and forward MACs. Returns (text, params, macs)."""
+    """(text, params, macs): a table of the leaf modules' output shapes and parameters at batch 1, totals."""
     names, rows, seen = {m: n for n, m in model.named_modules() if not any(m.children())}, [], set()
 
     def hook(module, inputs, out):
@@ -161,11 +141,9 @@ def model_summary(model, input_shape, name=""):
         rows.append((names[module], type(module).__name__, shape, params))
 
     hooks = [m.register_forward_hook(hook) for m in names]
-    try:
-        model.eval()(torch.zeros(1, *input_shape, device=next(model.parameters()).device))
-    finally:
-        for h in hooks:
-            h.remove()
+    model.eval()(torch.zeros(1, *input_shape, device=next(model.parameters()).device))
+    for h in hooks:
+        h.remove()
     params, macs = sum(p.numel() for p in model.parameters()), count_macs(model, (1, *input_shape))
     table = [("layer", "type", "output shape", "parameters")] + [(*r[:3], f"{r[3]:,}") for r in rows]
     widths = [max(len(r[i]) for r in table) for i in range(4)]
@@ -182,9 +160,9 @@ def model_summary(model, input_shape, name=""):
 
 def write_json(report, path):
     """indent=2 JSON with each confusion-matrix row on one line (100 x 100 stays readable)."""
-    rows = ["\0" + json.dumps(row) + "\0" for row in report["confusion_matrix"]]
-    text = json.dumps({**report, "confusion_matrix": rows}, indent=2)
-    write_text(path, re.sub(r'"\\u0000(.*?)\\u0000"', r"\1", text) + "\n")
+    rows = ",\n    ".join(json.dumps(row) for row in report["confusion_matrix"])
+    text = json.dumps({**report, "confusion_matrix": "\0"}, indent=2)
+    write_text(path, text.replace('"\\u0000"', f"[\n    {rows}\n  ]") + "\n")
 
 
 def plot_confusion_matrix(cm, classes, path):
@@ -195,26 +173,23 @@ def plot_confusion_matrix(cm, classes, path):
     cell = 0.55 if c <= 20 else max(0.12, 12 / c)  # inches per cell
     font = 9 if c <= 20 else max(4, min(8, 72 * cell * 0.8))
     side, label = max(4.0, c * cell), max(len(s) for s in classes) * font / 72 * 0.6 + 0.8  # + tick labels
-    fig = Figure(figsize=(2 * (side + label) + 2.5, side + label + 0.8), dpi=100)
+    fig = Figure(figsize=(2 * (side + label) + 2.5, side + label + 0.8), dpi=100, layout="tight")
     norm = cm / cm.sum(1, keepdim=True).clamp(min=1)
     for ax, values, title in zip(fig.subplots(1, 2), (cm, norm), ("counts", "row-normalized (recall)")):
-        im = ax.imshow(values.numpy(), cmap="Blues", interpolation="nearest", vmin=0,
-                       vmax=1 if values is norm else None)
-        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+        fig.colorbar(ax.imshow(values.numpy(), cmap="Blues", interpolation="nearest", vmin=0,
+                               vmax=1 if values is norm else None), ax=ax, fraction=0.046, pad=0.04)
         ax.set(title=title, xlabel="predicted", ylabel="true")
         ax.set_xticks(range(c), classes, rotation=90, fontsize=font)
         ax.set_yticks(range(c), classes, fontsize=font)
-        for i, j in itertools.product(range(c), repeat=2) if c <= 20 else ():  # annotated up to 20 classes
+        for i, j in ((i, j) for i in range(c) for j in range(c)) if c <= 20 else ():  # annotated up to 20
             v = values[i, j].item()
             ax.text(j, i, f"{int(v)}" if values is cm else f"{v:.2f}", ha="center", va="center",
                     fontsize=font - 1, color="white" if v > (values.max().item() or 1) / 2 else "black")
-    fig.tight_layout()
     save_figure(fig, path, bbox_inches="tight")
 
 
 def plot_misclassified(images, preds, targets, confidence, classes, path):
-    """Grid of wrong predictions (images: C x H x W floats in [0, 1], most confident first), as one
-    mosaic with a label band above each tile (36 separate axes render slowly)."""
+    """Wrong predictions (C x H x W in [0, 1], most confident first): one labelled mosaic, not 36 axes."""
     from matplotlib.figure import Figure
     from torchvision.utils import make_grid
 
@@ -259,9 +234,9 @@ def output_dirs(paths, out):
     return [Path(out) / n for n in names]
 
 
+@torch.no_grad()  # benchmark() and model_summary() too
 def evaluate_checkpoint(path, out, args, device):
-    """Everything for one checkpoint: metrics, plots, summary, timing. Returns its run for
-    compare.py: label, report (the eval.json dict), config (config.json's keys), history."""
+    """One checkpoint's metrics, files and timing; returns its run for compare.py (report: eval.json's)."""
     ck = load_checkpoint(path)
     use_ema = bool(args.ema and ck["ema"])
     if args.ema and not use_ema:
@@ -312,8 +287,7 @@ def evaluate_checkpoint(path, out, args, device):
     if args.summary:
         print(summary)
     finite = lambda v: v if math.isfinite(v) else None  # noqa: E731 (NaN is no JSON)
-    tta = tta and {"top1": tta["top1"], "top5": tta["top5"], "loss": finite(tta["loss"]),
-                   "nonfinite_outputs": tta["nonfinite_outputs"]}
+    tta = tta and {k: finite(tta[k]) for k in ("top1", "top5", "loss", "nonfinite_outputs")}
     seconds = [h["epoch_seconds"] for h in ck["history"] if isinstance(h.get("epoch_seconds"), (int, float))]
     report = {
         "checkpoint": str(path), "model": ck["model_name"], "model_options": ck["model_options"],
@@ -338,10 +312,9 @@ def evaluate_checkpoint(path, out, args, device):
                  f"{args.batch_size} ({report['amp']}{', channels_last' if cl else ''})")
     print(line + f"  [{report['device']}]")
     print(f"  wrote {out}/ eval.json confusion_matrix.csv confusion_matrix.png misclassified.png summary.txt")
-    config = {**ck["args"], **{k: ck[k] for k in ("model_options", "num_classes", "in_channels", "image_size",
-                                                   "classes")}} if ck["args"] else {}
-    return {"label": f"{Path(path).parent.name}/{Path(path).name}", "report": report, "config": config,
-            "history": ck["history"]}
+    built = {k: ck[k] for k in ("model_options", "num_classes", "in_channels", "image_size", "classes")}
+    return {"label": f"{Path(path).parent.name}/{Path(path).name}", "report": report,
+            "config": {**ck["args"], **built} if ck["args"] else {}, "history": ck["history"]}
 
 
 def get_args_parser():
@@ -355,16 +328,13 @@ def get_args_parser():
     p.add_argument("--split", default="test", choices=("test", "val"))
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"),
                    help="auto: cuda, then mps (Apple silicon), then cpu")
-    p.add_argument("--batch-size", type=number(int, 1), default=256,
-                   help="eval batch and throughput batch (>= 1)")
+    p.add_argument("--batch-size", type=number(int, 1), default=256, help="eval and throughput batch (>= 1)")
     p.add_argument("--out", default=None, help="output folder (see above)")
     p.add_argument("--tta", action="store_true", help="also report horizontal-flip TTA accuracy")
     p.add_argument("--amp", default="auto", choices=("auto", "off", "bf16", "fp16"),
-                   help="autocast dtype of the pass and the timing; auto: fp32 on every device (the metrics "
-                        "of the fp32 ONNX export)")
+                   help="autocast dtype of the pass and timing; auto: fp32 (the fp32 ONNX export's metrics)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
-                   help="NHWC layout for the pass and the timing; default: what training uses (on for CUDA "
-                        "and the CPU)")
+                   help="NHWC layout for the pass and timing; default: training's (on for CUDA and the CPU)")
     p.add_argument("--ema", action="store_true", help="evaluate the EMA weights when present")
     p.add_argument("--no-timing", action="store_true", help="skip latency/throughput timing")
     p.add_argument("--summary", action="store_true", help="print the model's layer table")
