@@ -3,12 +3,8 @@
     d = data.load_data("cifar10", "data")      # downloads what is missing, in torchvision's layout
     loader = data.make_loader(d.train, mean=d.mean, std=d.std, batch_size=128, train=True, augment="standard")
 
-load_data() returns a Data of uint8 splits (N x C x H x W) read from torchvision's on-disk layouts
-or an image folder (decoded by Pillow as predict.py decodes it: both see the same pixels).
-make_loader() serves batches on the device: an in-memory split sits there as one uint8 tensor (the
-tensor path); a folder too big for memory is decoded by DataLoader workers (the dataloader path).
-Either way each batch is augmented with per-sample random parameters in batched tensor ops and
-normalized on the device. An epoch's randomness is a pure function of (seed, epoch, rank).
+load_data() reads torchvision's on-disk layouts or an image folder (decoded by Pillow as predict.py
+decodes it) into uint8 N x C x H x W splits; make_loader() serves them as augmented, normalized batches.
 """
 import gzip
 import hashlib
@@ -16,7 +12,6 @@ import importlib.util
 import os
 import pickle
 import shutil
-import struct
 import sys
 import tempfile
 from collections import Counter
@@ -39,7 +34,9 @@ from runtime import cpu_count, ensure_fits, one_line, replacing
 AUGMENTS = ("none", "standard", "strong", "autoaugment", "randaugment", "trivialaugment")
 IN_MEMORY_LIMIT = 4 << 30  # folders above this many uint8 bytes use the dataloader path
 SYNTHETIC_TRAIN, SYNTHETIC_TEST = 2560, 512
-POLICY_CHUNK = 16  # one AutoAugment/RandAugment/TrivialAugment draw per 16 images
+# torchvision's AutoAugment/RandAugment/TrivialAugment draw one operation per call for the whole
+# tensor: they run per chunk of POLICY_CHUNK images, each chunk seeded from the epoch's plan
+POLICY_CHUNK = 16
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".webp")
 GRAY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")  # Pillow modes read as 1 channel
 PIL_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)  # Pillow on a bad file
@@ -91,7 +88,6 @@ def _seed(*parts):
 # torchvision's dataset classes define the layout and download (md5-checked); the parsers below
 # read it: torchvision's CIFAR/SVHN check each file's md5 on load (refusing all but the official
 # bytes, so tests could not use them) and its MNIST reads only the unpacked IDX files.
-
 def _path(root, rel):
     """rel or rel.gz (MNIST ships gzipped IDX files) under root, or None."""
     p = os.path.join(root, rel)
@@ -109,9 +105,9 @@ def _read_idx(path, ndim):
             buf = f.read()
         if buf[:4] != bytes([0, 0, 8, ndim]):
             raise ValueError(f"not an IDX file of {ndim}-D unsigned bytes")
-        shape = struct.unpack(f">{ndim}I", buf[4:4 + 4 * ndim])
+        shape = np.frombuffer(buf, ">u4", ndim, 4).tolist()
         return torch.from_numpy(np.frombuffer(buf, np.uint8, offset=4 + 4 * ndim).reshape(shape).copy())
-    except (OSError, EOFError, ValueError, struct.error) as e:
+    except (OSError, EOFError, ValueError) as e:
         raise _corrupt(path, e) from None
 
 
@@ -135,18 +131,12 @@ def _np_dtype(*args):
     return _refuse(f"a numpy array of Python objects (dtype {d})") if d.hasobject else d
 
 
-def _latin1(s, encoding="utf-8", errors="strict"):  # how Python 3's protocol 2 writes bytes
-    if not isinstance(s, str) or encoding not in ("latin1", "latin-1"):
-        _refuse(f"_codecs.encode with encoding {encoding!r}")
-    return s.encode("latin1")
-
-
 _RECONSTRUCT, _FROMBUFFER = np.ndarray.__reduce__(np.zeros(0))[0], np.zeros(1).__reduce_ex__(5)[0]
 # Every global a CIFAR pickle needs: the official files (Python 2, protocol 2) name numpy's array
-# reconstruction, ndarray and dtype; Python 3 pickles of the same dicts add _codecs.encode and
-# bytes() (protocol 2) or numpy._core's names and _frombuffer (protocol 5). Only plain ndarrays.
+# reconstruction, ndarray and dtype; Python 3 pickles of the same dicts add _codecs.encode (latin1:
+# how protocol 2 writes bytes) and bytes() or numpy._core's names and _frombuffer (protocol 5).
 _CIFAR_GLOBALS = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): _np_dtype,
-                  ("_codecs", "encode"): _latin1}
+                  ("_codecs", "encode"): lambda s, *_: s.encode("latin1")}
 for _m in ("core", "_core"):
     _CIFAR_GLOBALS[(f"numpy.{_m}.multiarray", "_reconstruct")] = lambda _, *a: _RECONSTRUCT(np.ndarray, *a)
     _CIFAR_GLOBALS[(f"numpy.{_m}.numeric", "_frombuffer")] = lambda b, t, *a: _FROMBUFFER(b, _np_dtype(t), *a)
@@ -173,10 +163,8 @@ def _read_cifar(folder, names, label_key, root):
                 ys.append(torch.as_tensor(d[label_key], dtype=torch.int64).view(-1))
                 if len(xs[-1]) != len(ys[-1]):
                     raise ValueError(f"{len(xs[-1])} images but {len(ys[-1])} labels")
-            except DataError as e:
-                raise DataError(f"{path}: {e}") from None
-            except Exception as e:  # whatever a damaged pickle raises
-                raise _corrupt(path, e) from None
+            except Exception as e:  # _refuse's DataError, or whatever a damaged pickle raises
+                raise (DataError(f"{path}: {e}") if isinstance(e, DataError) else _corrupt(path, e)) from None
         out += [torch.cat(xs), torch.cat(ys)]
     return out
 
@@ -198,10 +186,9 @@ def _read_svhn(root):
 
 
 def _synthetic(root=None):
-    """Deterministic, learnable 10-class images, independent of the global RNG: each class a fixed
-    random low-frequency colour texture (zero mean per channel), placed at a random circular
-    translation with a random contrast, plus pixel noise. The translation hides the class from a
-    linear model (near chance) while a small CNN learns it in two epochs (resnet20: ~75%)."""
+    """Deterministic 10-class images, independent of the global RNG: each class's fixed low-frequency
+    colour texture at a random circular shift (which hides it from a linear model; resnet20 learns it
+    in two epochs, ~75%), with random contrast and pixel noise."""
     g = torch.Generator().manual_seed(20240611)
     p = torch.rand(10, 3, 4, 4, generator=g) * 2 - 1
     p = p - p.mean((2, 3), keepdim=True)
@@ -211,10 +198,7 @@ def _synthetic(root=None):
     for n in (SYNTHETIC_TRAIN, SYNTHETIC_TEST):
         y = torch.randperm(n, generator=g) % 10
         shift = torch.randint(0, 32, (n, 2), generator=g)
-        rows = (torch.arange(32) + shift[:, :1]) % 32  # N x 32
-        cols = (torch.arange(32) + shift[:, 1:]) % 32
-        x = textures[y][torch.arange(n)[:, None, None, None], torch.arange(3)[None, :, None, None],
-                        rows[:, None, :, None], cols[:, None, None, :]]
+        x = torch.stack([textures[c].roll((-a, -b), (1, 2)) for c, (a, b) in zip(y.tolist(), shift.tolist())])
         contrast = 0.6 + 0.8 * torch.rand(n, 1, 1, 1, generator=g)
         x = 128 + 80 * contrast * x + 25 * torch.randn(n, 3, 32, 32, generator=g)
         out += [x.round().clamp(0, 255).to(torch.uint8), y]
@@ -222,7 +206,6 @@ def _synthetic(root=None):
 
 
 # ----------------------------------------------------------------------------- registry
-
 @dataclass(frozen=True)
 class Spec:
     classes: Optional[tuple]  # None: inferred (folder)
@@ -303,14 +286,13 @@ def _ensure_files(name, spec, root, download):
 
 
 # ----------------------------------------------------------------------------- folders
-
+@dataclass
 class _FileReader:
     """path -> uint8 C x H x W, decoded as predict.read_image decodes it (first frame; grayscale
     files 1 channel, 16-bit ones their high byte; others RGB), resized to size x size by torch's
     antialiased uint8 resize (which predict.py reimplements), converted to `channels`."""
-
-    def __init__(self, size, channels):
-        self.size, self.channels = size, channels
+    size: int
+    channels: Optional[int]
 
     def __call__(self, path):
         try:  # Pillow refuses damaged files and decompression bombs (Image.MAX_IMAGE_PIXELS)
@@ -325,36 +307,38 @@ class _FileReader:
         except PIL_ERRORS as e:
             raise DataError(f"cannot decode image {path}: {one_line(e)}") from None
         img = torch.from_numpy(np.atleast_3d(a).transpose(2, 0, 1).copy())
-        if img.shape[-1] != self.size or img.shape[-2] != self.size:
+        if img.shape[-2:] != (self.size, self.size):
             img = TF.resize(img, [self.size, self.size], antialias=True)
         return _convert_channels(img, self.channels)
 
 
 def _decode_all(files, reader):
-    """uint8 N x C x H x W, decoded by a thread pool (Pillow releases the GIL while decoding)."""
-    first = reader(files[0])
-    out = torch.empty(len(files), *first.shape, dtype=torch.uint8)
-    out[0] = first
-
-    def work(i):
-        out[i] = reader(files[i])
+    """uint8 N x C x H x W, decoded by threads (Pillow releases the GIL) into one preallocated tensor."""
+    out = torch.empty(len(files), *reader(files[0]).shape, dtype=torch.uint8)
     with ThreadPoolExecutor(max(2, cpu_count())) as pool:
-        list(pool.map(work, range(1, len(files)), chunksize=64))
+        list(pool.map(lambda i: out[i].copy_(reader(files[i])), range(len(files))))
     return out
 
 
-def _cached_decode(cache, prefix, key, files, reader, shape):
-    """The split's images from cache/<prefix><key>.pt, or decoded now and cached there (replacing the
-    prefix's older caches). It holds their sha256: a cache damaged inside an intact zip is rebuilt."""
-    path = os.path.join(cache, f"{prefix}{key}.pt")
+def _cached_decode(root, folder, files, reader):
+    """The images of a split folder (root/train, test or val) from root/.cache/<split>-<size>-<gray|rgb>-
+    <key>.pt (key: the file list, sizes and modification times), or decoded now and cached there,
+    replacing the split's older caches. It holds their sha256: a damaged cache is rebuilt."""
+    key = hashlib.sha256(f"v{CACHE_VERSION}\n".encode())
+    for f in files:
+        st = os.stat(f)
+        key.update(f"{f[len(root):]}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    cache, key, size, c = os.path.join(root, ".cache"), key.hexdigest()[:16], reader.size, reader.channels
+    prefix = f"{os.path.basename(folder)}-{size}x{size}-{'gray' if c == 1 else 'rgb'}-"
+    path, want = os.path.join(cache, f"{prefix}{key}.pt"), (len(files), c, size, size)
     digest = lambda x: hashlib.sha256(x.contiguous().numpy()).hexdigest()  # noqa: E731 (0.2 s per 150 MB)
     if os.path.exists(path):
         try:
             d = torch.load(path, weights_only=True)
             x = d["images"]
-            if not (torch.is_tensor(x) and x.dtype == torch.uint8 and tuple(x.shape) == (len(files), *shape)):
+            if not (torch.is_tensor(x) and x.dtype == torch.uint8 and tuple(x.shape) == want):
                 got = tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
-                problem = f"it holds {got} {getattr(x, 'dtype', '')}, not uint8 {(len(files), *shape)}"
+                problem = f"it holds {got} {getattr(x, 'dtype', '')}, not uint8 {want}"
             elif d.get("sha256") != digest(x):
                 problem = "its images do not match their checksum (damaged file)"
             else:
@@ -422,21 +406,11 @@ def _load_folder(root, image_size, channels, in_memory):
                 f"{n if in_memory else 1} images at {size}x{size} px", "choose a smaller --image-size")
     if not in_memory:
         return classes, c, size, [Split(None, y, files, _FileReader(size, c)) for files, y in splits]
-    out = []
-    for (files, y), d in zip(splits, dirs):
-        key = hashlib.sha256(f"v{CACHE_VERSION}\n".encode())
-        for f in files:  # the cache is keyed by the file list, sizes and modification times
-            st = os.stat(f)
-            key.update(f"{f[len(root):]}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-        prefix = f"{os.path.basename(d)}-{size}x{size}-{'gray' if gray else 'rgb'}-"
-        x = _cached_decode(os.path.join(root, ".cache"), prefix, key.hexdigest()[:16], files,
-                           _FileReader(size, native), (native, size, size))
-        out.append(Split(_convert_channels(x, c), y))
-    return classes, c, size, out
+    xs = [_cached_decode(root, d, files, _FileReader(size, native)) for (files, _), d in zip(splits, dirs)]
+    return classes, c, size, [Split(_convert_channels(x, c), y) for x, (_, y) in zip(xs, splits)]
 
 
 # ----------------------------------------------------------------------------- preprocessing
-
 def _convert_channels(x, channels):
     """uint8 ... x C x H x W: gray -> 3 by repetition, RGB -> 1 by Pillow's luminance (L = R 299/1000
     + G 587/1000 + B 114/1000, in Pillow's fixed point, so it equals Pillow's convert('L'))."""
@@ -461,8 +435,8 @@ def _stats(x):
             tuple(((p * v.square()).sum() - m.square()).clamp_min(0).sqrt().item() for p, m in zip(h, mean)))
 
 
-def _stratified(labels, k, seed):
-    """Sorted indices of k samples, each class in proportion to its size, chosen by seed."""
+def _stratified(labels, seed):
+    """All indices in an order (chosen by seed) whose every prefix holds each class in proportion."""
     n = len(labels)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     lab = labels[perm]
@@ -471,10 +445,11 @@ def _stratified(labels, k, seed):
     rank = torch.empty(n, dtype=torch.int64)
     rank[order] = torch.arange(n) - (torch.cumsum(counts, 0) - counts)[lab[order]]
     position = (rank.double() + 0.5) / counts[lab].double()  # evenly spread over [0, 1) per class
-    return perm[torch.argsort(position, stable=True)[:k]].sort().values
+    return perm[torch.argsort(position, stable=True)]
 
 
-def _subset(split, idx):
+def _subset(split, idx):  # the samples at idx, in split order
+    idx = idx.sort().values
     return Split(split.images[idx] if split.images is not None else None, split.labels[idx],
                  [split.files[i] for i in idx.tolist()] if split.files is not None else None, split.reader)
 
@@ -504,9 +479,8 @@ def load_data(name, data_dir="data", *, image_size=None, channels=None, val_spli
         k = round(len(train) * val_split)
         if not 0 < k < len(train):
             raise DataError(f"val_split {val_split} of {len(train)} training images leaves an empty split")
-        is_val = torch.zeros(len(train), dtype=torch.bool)
-        is_val[_stratified(train.labels, k, _seed(seed, "val"))] = True
-        val, train = _subset(train, is_val.nonzero()[:, 0]), _subset(train, (~is_val).nonzero()[:, 0])
+        order = _stratified(train.labels, _seed(seed, "val"))
+        val, train = _subset(train, order[:k]), _subset(train, order[k:])
     if spec.mean is not None and spec.channels in (1, c):  # gray repeated: the same statistics
         mean, std = spec.mean * (c // spec.channels), spec.std * (c // spec.channels)
     elif train.images is not None:  # folder, synthetic, RGB -> gray: the training split's own
@@ -514,21 +488,18 @@ def load_data(name, data_dir="data", *, image_size=None, channels=None, val_spli
     else:  # file-backed folder: estimated on up to 2000 training images spread over the split
         idx = dict.fromkeys(np.linspace(0, len(train) - 1, min(2000, len(train))).astype(int).tolist())
         mean, std = _stats(_decode_all([train.files[i] for i in idx], train.reader))
-    if limit_train and limit_train < len(train):
-        train = _subset(train, _stratified(train.labels, limit_train, _seed(seed, "limit_train")))
-    if limit_test and limit_test < len(test):
-        test = _subset(test, _stratified(test.labels, limit_test, _seed(seed, "limit_test")))
+    train, test = (_subset(s, _stratified(s.labels, _seed(seed, what))[:k]) if k and k < len(s) else s
+                   for s, k, what in ((train, limit_train, "limit_train"), (test, limit_test, "limit_test")))
     return Data(name, classes, c, size, tuple(mean), tuple(std), train, val, test)
 
 
 def match_classes(d, classes, source):
-    """`d` with its labels in the order of `classes` (a model's, from `source`) and a note when they
-    were reordered (else None): the same names in another order are mapped by name; other names are
-    a DataError naming both lists (the model's outputs would be scored against the wrong classes)."""
-    classes, have = [str(c) for c in classes], [str(c) for c in d.classes]
+    """(`d` labelled in the order of `classes`, a model's from `source`; a note when they were reordered,
+    else None). Other names than the data's are a DataError naming both lists."""
+    classes, have = list(classes), list(d.classes)
     if have == classes:
         return d, None
-    if sorted(have) != sorted(classes) or len(set(classes)) != len(classes):
+    if sorted(have) != sorted(classes):  # the data's class names are unique: so are these then
         names = lambda v, k=12: f"[{', '.join(v[:k])}{f', ... ({len(v)} in all)' * (len(v) > k)}]"  # noqa
         only = (("the data", [c for c in have if c not in classes]),
                 (source, [c for c in classes if c not in have]))
@@ -542,7 +513,6 @@ def match_classes(d, classes, source):
 
 
 # ----------------------------------------------------------------------------- augmentation
-
 def crop_padding(size):  # the zero padding of the standard random crop: 4 px at 32 (CIFAR's), scaled
     return max(4, round(size / 8))
 
@@ -560,10 +530,9 @@ def _crop_flip(x, dy, dx, flip, pad):
 
 
 def _strong(x, u):
-    """The 'strong' preset, batched with per-sample parameters: random-resized-crop (area 35-100%,
-    aspect 3/4-4/3), rotation up to 15 degrees and horizontal flip as one affine warp per image;
-    then brightness, contrast, saturation jitter (factors 0.6-1.4) and sharpness 2 with p 0.5.
-    x: uint8 B x C x H x W; u: B x 10 uniforms -> float B x C x H x W in [0, 255]."""
+    """The 'strong' preset with per-sample parameters u (B x 10 uniforms): random-resized-crop (area
+    35-100%, aspect 3/4-4/3), rotation up to 15 degrees and flip as one affine warp, then brightness,
+    contrast, saturation (0.6-1.4) and sharpness 2 (p 0.5). uint8 B x C x H x W -> float 0..255."""
     B, C, H, W = x.shape
     gray = lambda x: (0.2989 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]) if C == 3 else x  # noqa
     area = 0.35 + 0.65 * u[:, 0]
@@ -581,8 +550,7 @@ def _strong(x, u):
     m = gray(x).mean((1, 2, 3), keepdim=True)
     x = ((x - m) * f[:, 1:2] + m).clamp_(0, 255)
     if C == 3:
-        g = gray(x)
-        x = ((x - g) * f[:, 2:3] + g).clamp_(0, 255)
+        x = ((x - gray(x)) * f[:, 2:3] + gray(x)).clamp_(0, 255)
     kernel = torch.tensor([[1, 1, 1], [1, 5, 1], [1, 1, 1]], dtype=x.dtype, device=x.device) / 13
     blur = x.clone()  # torchvision's sharpness: the smoothed image, borders kept
     blur[:, :, 1:-1, 1:-1] = F.conv2d(x.reshape(B * C, 1, H, W), kernel[None, None]).view(B, C, H - 2, W - 2)
@@ -590,11 +558,13 @@ def _strong(x, u):
 
 
 # ----------------------------------------------------------------------------- loaders
-
 class Loader:
-    """(x, y) batches on the device (see the module docstring). train=True: shuffled, augmented,
-    sharded by rank, full batches only (or one partial batch when the shard is smaller). train=False:
-    sequential, everything. image_size: resize the batches to it (default: the split's size)."""
+    """(x, y) batches on the device, from the split moved there once as one uint8 tensor (the tensor
+    path) or, for a file-backed folder, from DataLoader workers (the dataloader path); either way
+    augmented per sample in batched ops and normalized there, an epoch's randomness a pure function of
+    (seed, epoch, rank). train=True: shuffled, augmented, sharded by rank, full batches only (or one
+    partial batch when the shard is smaller); train=False: everything in order. image_size: resize the
+    batches to it (default: the split's size)."""
 
     def __init__(self, split, *, mean, std, batch_size, train, augment="none", cutout=0, device="cpu",
                  seed=0, channels_last=False, rank=0, world_size=1, workers=4, image_size=None):
@@ -633,15 +603,13 @@ class Loader:
         if not self.train:
             return torch.arange(self.num_samples), {}
         g = torch.Generator().manual_seed(_seed(self.seed, epoch, "order"))  # the same for all ranks
-        perm = torch.randperm(self.total, generator=g)
         # Interleaved shards: rank r takes every world_size-th sample, so the ranks' batches
         # b together are exactly global batch b of a single-process run with the same seed.
-        order = perm[self.rank::self.world_size][:self.num_samples]
+        order = torch.randperm(self.total, generator=g)[self.rank::self.world_size][:self.num_samples]
         g = torch.Generator().manual_seed(_seed(self.seed, epoch, "augment", self.rank))
         n, p, pad = self.num_samples, {}, crop_padding(self.size)
         if self.augment == "standard" or self.policy is not None:
-            p["dy"] = torch.randint(0, 2 * pad + 1, (n,), generator=g)
-            p["dx"] = torch.randint(0, 2 * pad + 1, (n,), generator=g)
+            p["dy"], p["dx"] = (torch.randint(0, 2 * pad + 1, (n,), generator=g) for _ in "yx")
             p["flip"] = torch.rand(n, generator=g) < 0.5
             if self.policy is not None:
                 p["policy"] = torch.randint(2 ** 62, (n,), generator=g)  # per chunk, on the CPU
@@ -669,8 +637,6 @@ class Loader:
                 if "dy" in dev:
                     x = _crop_flip(x, dev["dy"][s], dev["dx"][s], dev["flip"][s], crop_padding(self.size))
                 if "policy" in p:
-                    # torchvision's policies draw one operation per call for the whole tensor, so they run
-                    # per chunk of POLICY_CHUNK images (not per image), each chunk seeded from the plan
                     with torch.random.fork_rng(devices=[]):
                         for j in range(0, len(x), POLICY_CHUNK):
                             torch.random.default_generator.manual_seed(int(p["policy"][s.start + j]))
