@@ -85,9 +85,8 @@ def _seed(*parts):
 
 
 # ----------------------------------------------------------------------------- file readers
-# torchvision's dataset classes define the layout and download (md5-checked); the parsers below
-# read it: torchvision's CIFAR/SVHN check each file's md5 on load (refusing all but the official
-# bytes, so tests could not use them) and its MNIST reads only the unpacked IDX files.
+# torchvision's dataset classes define the layout and download (md5-checked); these parsers read it
+# (torchvision's refuse all but the official bytes on load, and read no gzipped MNIST files).
 def _path(root, rel):
     """rel or rel.gz (MNIST ships gzipped IDX files) under root, or None."""
     p = os.path.join(root, rel)
@@ -111,14 +110,10 @@ def _read_idx(path, ndim):
         raise _corrupt(path, e) from None
 
 
-def _read_mnist(folder, root):
-    out = []
-    for p in ("train", "t10k"):
-        x, y = (_read_idx(_path(root, f"{folder}/raw/{p}-{k}-ubyte"), int(k[-1])) for k in MNIST_KINDS)
-        if len(x) != len(y):
-            raise DataError(f"{root}/{folder}/raw/{p}-*: {len(x)} images but {len(y)} labels")
-        out += [x.unsqueeze(1), y.long()]
-    return out
+def _read_mnist(folder, root, split):
+    p = "t10k" if split == "test" else "train"
+    x, y = (_read_idx(_path(root, f"{folder}/raw/{p}-{k}-ubyte"), int(k[-1])) for k in MNIST_KINDS)
+    return x.unsqueeze(1), y.long()
 
 
 def _refuse(what):
@@ -132,9 +127,8 @@ def _np_dtype(*args):
 
 
 _RECONSTRUCT, _FROMBUFFER = np.ndarray.__reduce__(np.zeros(0))[0], np.zeros(1).__reduce_ex__(5)[0]
-# Every global a CIFAR pickle needs: the official files (Python 2, protocol 2) name numpy's array
-# reconstruction, ndarray and dtype; Python 3 pickles of the same dicts add _codecs.encode (latin1:
-# how protocol 2 writes bytes) and bytes() or numpy._core's names and _frombuffer (protocol 5).
+# Every global a CIFAR pickle needs: the official files (Python 2) name numpy.core's _reconstruct,
+# ndarray and dtype; Python 3 pickles add _codecs.encode + bytes (protocol 2) or numpy._core's names.
 _CIFAR_GLOBALS = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): _np_dtype,
                   ("_codecs", "encode"): lambda s, *_: s.encode("latin1")}
 for _m in ("core", "_core"):
@@ -151,41 +145,33 @@ class _CifarUnpickler(pickle.Unpickler):
         return _CIFAR_GLOBALS.get((module, name)) or _refuse(f"{module}.{name}")
 
 
-def _read_cifar(folder, names, label_key, root):
-    out = []
-    for files in names:  # (train files, test files)
-        xs, ys = [], []
-        for path in (os.path.join(root, folder, name) for name in files):
-            try:
-                with open(path, "rb") as f:
-                    d = _CifarUnpickler(f, encoding="latin1").load()
-                xs.append(torch.from_numpy(np.asarray(d["data"], dtype=np.uint8)).view(-1, 3, 32, 32))
-                ys.append(torch.as_tensor(d[label_key], dtype=torch.int64).view(-1))
-                if len(xs[-1]) != len(ys[-1]):
-                    raise ValueError(f"{len(xs[-1])} images but {len(ys[-1])} labels")
-            except Exception as e:  # _refuse's DataError, or whatever a damaged pickle raises
-                raise (DataError(f"{path}: {e}") if isinstance(e, DataError) else _corrupt(path, e)) from None
-        out += [torch.cat(xs), torch.cat(ys)]
-    return out
-
-
-def _read_svhn(root):
-    import scipy.io
-    out = []
-    for path in (os.path.join(root, f"{s}_32x32.mat") for s in ("train", "test")):
+def _read_cifar(folder, names, label_key, root, split):
+    xs, ys = [], []
+    for path in (os.path.join(root, folder, name) for name in names[split == "test"]):  # (train, test)
         try:
-            m = scipy.io.loadmat(path)
-            x = torch.from_numpy(np.ascontiguousarray(m["X"].transpose(3, 2, 0, 1)))  # HWCN -> NCHW
-            y = torch.from_numpy(m["y"].astype(np.int64)).view(-1) % 10  # the file labels 0 as 10
-            if x.dtype != torch.uint8 or len(x) != len(y):
-                raise ValueError(f"images {tuple(x.shape)} {x.dtype}, labels {tuple(y.shape)}")
-        except (OSError, ValueError, KeyError, TypeError, NotImplementedError) as e:
-            raise _corrupt(path, e) from None
-        out += [x, y]
-    return out
+            with open(path, "rb") as f:
+                d = _CifarUnpickler(f, encoding="latin1").load()
+            xs.append(torch.from_numpy(np.asarray(d["data"], dtype=np.uint8)).view(-1, 3, 32, 32))
+            ys.append(torch.as_tensor(d[label_key], dtype=torch.int64).view(-1))
+        except Exception as e:  # _refuse's DataError, or whatever a damaged pickle raises
+            raise (DataError(f"{path}: {e}") if isinstance(e, DataError) else _corrupt(path, e)) from None
+    return torch.cat(xs), torch.cat(ys)
 
 
-def _synthetic(root=None):
+def _read_svhn(root, split):
+    import scipy.io
+    path = os.path.join(root, f"{split}_32x32.mat")
+    try:
+        m = scipy.io.loadmat(path)
+        x = torch.from_numpy(np.ascontiguousarray(m["X"].transpose(3, 2, 0, 1)))  # HWCN -> NCHW
+        if x.dtype != torch.uint8:
+            raise ValueError(f"images {tuple(x.shape)} {x.dtype}, not uint8")
+        return x, torch.from_numpy(m["y"].astype(np.int64)).view(-1) % 10  # the file labels 0 as 10
+    except (OSError, ValueError, KeyError, TypeError, NotImplementedError) as e:
+        raise _corrupt(path, e) from None
+
+
+def _synthetic(root, split):
     """Deterministic 10-class images, independent of the global RNG: each class's fixed low-frequency
     colour texture at a random circular shift (which hides it from a linear model; resnet20 learns it
     in two epochs, ~75%), with random contrast and pixel noise."""
@@ -201,8 +187,8 @@ def _synthetic(root=None):
         x = torch.stack([textures[c].roll((-a, -b), (1, 2)) for c, (a, b) in zip(y.tolist(), shift.tolist())])
         contrast = 0.6 + 0.8 * torch.rand(n, 1, 1, 1, generator=g)
         x = 128 + 80 * contrast * x + 25 * torch.randn(n, 3, 32, 32, generator=g)
-        out += [x.round().clamp(0, 255).to(torch.uint8), y]
-    return out
+        out.append((x.round().clamp(0, 255).to(torch.uint8), y))
+    return out[1 if split == "test" else 0]  # the test set's draws follow the training set's
 
 
 # ----------------------------------------------------------------------------- registry
@@ -214,7 +200,7 @@ class Spec:
     mean: Optional[tuple]  # true per-channel statistics of the training split; None: computed
     std: Optional[tuple]
     files: tuple = ()  # the files read, relative to data_dir, in torchvision's layout
-    read: Optional[Callable] = None  # data_dir -> [train x, train y, test x, test y]
+    read: Optional[Callable] = None  # (data_dir, "train" | "test") -> (uint8 N x C x H x W, int64 N)
     torchvision: Optional[Callable] = None  # the dataset class that downloads
     splits: tuple = ({"train": True}, {"train": False})  # its constructor arguments for train and test
 
@@ -267,8 +253,7 @@ def _ensure_files(name, spec, root, download):
         raise DataError(f"{name} not found and download is off: {where}")
     try:
         os.makedirs(root, exist_ok=True)
-        # torchvision fetches, md5-checks and unpacks into a temporary folder; only then do complete
-        # files move into place, so a failed download leaves nothing half-written where a run reads
+        # torchvision fetches, md5-checks and unpacks into a temporary folder: only complete files move in
         with tempfile.TemporaryDirectory(prefix=".download-", dir=root, ignore_cleanup_errors=True) as tmp:
             for kwargs in spec.splits:
                 spec.torchvision(tmp, download=True, **kwargs)
@@ -288,9 +273,8 @@ def _ensure_files(name, spec, root, download):
 # ----------------------------------------------------------------------------- folders
 @dataclass
 class _FileReader:
-    """path -> uint8 C x H x W, decoded as predict.read_image decodes it (first frame; grayscale
-    files 1 channel, 16-bit ones their high byte; others RGB), resized to size x size by torch's
-    antialiased uint8 resize (which predict.py reimplements), converted to `channels`."""
+    """path -> uint8 C x H x W as predict.py decodes and resizes it (first frame; gray files 1 channel,
+    16-bit ones their high byte; others RGB; torch's antialiased resize), converted to `channels`."""
     size: int
     channels: Optional[int]
 
@@ -321,9 +305,8 @@ def _decode_all(files, reader):
 
 
 def _cached_decode(root, folder, files, reader):
-    """The images of a split folder (root/train, test or val) from root/.cache/<split>-<size>-<gray|rgb>-
-    <key>.pt (key: the file list, sizes and modification times), or decoded now and cached there,
-    replacing the split's older caches. It holds their sha256: a damaged cache is rebuilt."""
+    """A split folder's images from root/.cache/<split>-<size>-<gray|rgb>-<key of the file list, sizes,
+    mtimes>.pt, or decoded and cached there (older ones removed), with a sha256 that finds damage."""
     key = hashlib.sha256(f"v{CACHE_VERSION}\n".encode())
     for f in files:
         st = os.stat(f)
@@ -367,13 +350,10 @@ def _load_folder(root, image_size, channels, in_memory):
         raise DataError(f"folder: expected {dirs[0]}/<class>/*.jpg|png and {root}/test/<class>/* (or val/)")
     found = [{c.name: sorted(f.path for f in os.scandir(c) if f.name.lower().endswith(IMAGE_EXTENSIONS))
               for c in os.scandir(d) if c.is_dir() and not c.name.startswith(".")} for d in dirs]
-    unknown = sorted(set(found[1]) - set(found[0]))
-    if unknown:
-        raise DataError(f"{test} has class folders not in train/: {', '.join(unknown[:5])}")
-    # A class folder without training images would become an output the model never learns:
-    # dropped with a warning, unless the test split has images of it (then nothing can be right).
+    # A class without training images would be an output the model never learns: an empty class
+    # folder in train/ is dropped with a warning; test images of such a class are refused.
     classes, empty = ([c for c in sorted(found[0]) if bool(found[0][c]) == keep] for keep in (True, False))
-    tested = [f"{c} ({len(found[1][c])})" for c in empty if found[1].get(c)]
+    tested = [f"{c} ({len(f)})" for c, f in sorted(found[1].items()) if f and c not in classes]
     if tested:
         raise DataError(f"folder: class folder(s) {', '.join(tested)} of {test} have test images but no "
                         f"training images in {dirs[0]}: add training images or remove the class")
@@ -465,7 +445,10 @@ def load_data(name, data_dir="data", *, image_size=None, channels=None, val_spli
         classes, c, size, (train, test) = _load_folder(root, image_size, channels, in_memory)
     else:
         _ensure_files(name, spec, root, download)
-        xtr, ytr, xte, yte = spec.read(root)
+        (xtr, ytr), (xte, yte) = (spec.read(root, s) for s in ("train", "test"))
+        if len(xtr) != len(ytr) or len(xte) != len(yte):
+            raise DataError(f"{name} in {root}: the numbers of images and labels differ (delete the files to "
+                            "download them again)")
         classes, c, size = list(spec.classes), channels or spec.channels, image_size or spec.size
         n = len(xtr) + len(xte)
         ensure_fits(n * max(c, xtr.shape[1]) * size * size, "cpu", f"{n} {name} images at {size}x{size} px",
@@ -559,12 +542,11 @@ def _strong(x, u):
 
 # ----------------------------------------------------------------------------- loaders
 class Loader:
-    """(x, y) batches on the device, from the split moved there once as one uint8 tensor (the tensor
-    path) or, for a file-backed folder, from DataLoader workers (the dataloader path); either way
-    augmented per sample in batched ops and normalized there, an epoch's randomness a pure function of
-    (seed, epoch, rank). train=True: shuffled, augmented, sharded by rank, full batches only (or one
-    partial batch when the shard is smaller); train=False: everything in order. image_size: resize the
-    batches to it (default: the split's size)."""
+    """(x, y) batches on the device, from the split moved there as one uint8 tensor (the tensor path) or
+    from DataLoader workers for a file-backed folder (the dataloader path), augmented per sample in
+    batched ops and normalized there; an epoch's randomness is a pure function of (seed, epoch, rank).
+    train: shuffled, augmented, sharded by rank, full batches only (or one when the shard is smaller);
+    else everything in order. image_size: resize the batches to it (default: the split's size)."""
 
     def __init__(self, split, *, mean, std, batch_size, train, augment="none", cutout=0, device="cpu",
                  seed=0, channels_last=False, rank=0, world_size=1, workers=4, image_size=None):
@@ -625,11 +607,9 @@ class Loader:
         dev = {k: v.to(self.device, non_blocking=True) for k, v in p.items() if k != "policy"}
         if not self.on_device:
             self._order[:], batches = order.tolist(), self._dl
-        elif self.train:
+        else:
             batches = ((self.images.index_select(0, i), self.labels.index_select(0, i))
                        for i in order.to(self.device).split(self.batch_size))
-        else:  # everything in order: views, no copies
-            batches = zip(self.images.split(self.batch_size), self.labels.split(self.batch_size))
         try:
             for b, (x, y) in enumerate(batches):
                 x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
