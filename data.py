@@ -121,19 +121,15 @@ def _refuse(what):
                     "arrays (crafted file?)")
 
 
-def _np_dtype(*args):
-    d = np.dtype(*args)
-    return _refuse(f"a numpy array of Python objects (dtype {d})") if d.hasobject else d
-
-
 _RECONSTRUCT, _FROMBUFFER = np.ndarray.__reduce__(np.zeros(0))[0], np.zeros(1).__reduce_ex__(5)[0]
 # Every global a CIFAR pickle needs: the official files (Python 2) name numpy.core's _reconstruct,
 # ndarray and dtype; Python 3 pickles add _codecs.encode + bytes (protocol 2) or numpy._core's names.
-_CIFAR_GLOBALS = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): _np_dtype,
+# None of them runs code: an object array's items come from this unpickler too.
+_CIFAR_GLOBALS = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype,
                   ("_codecs", "encode"): lambda s, *_: s.encode("latin1")}
 for _m in ("core", "_core"):
-    _CIFAR_GLOBALS[(f"numpy.{_m}.multiarray", "_reconstruct")] = lambda _, *a: _RECONSTRUCT(np.ndarray, *a)
-    _CIFAR_GLOBALS[(f"numpy.{_m}.numeric", "_frombuffer")] = lambda b, t, *a: _FROMBUFFER(b, _np_dtype(t), *a)
+    _CIFAR_GLOBALS[(f"numpy.{_m}.multiarray", "_reconstruct")] = _RECONSTRUCT
+    _CIFAR_GLOBALS[(f"numpy.{_m}.numeric", "_frombuffer")] = _FROMBUFFER
 for _m in ("builtins", "__builtin__"):
     _CIFAR_GLOBALS[(_m, "bytes")] = lambda *a: _refuse("bytes() with arguments") if a else b""
 

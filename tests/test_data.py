@@ -229,6 +229,17 @@ def test_folder_cache(tmp_path, monkeypatch):
     assert len(list((tmp_path / ".cache").iterdir())) == 2  # the stale train cache was replaced
 
 
+def test_folder_test_class_without_training_images(tmp_path):
+    write_folder(tmp_path)
+    (tmp_path / "test" / "bird").mkdir()
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "test" / "bird" / "0.png")
+    with pytest.raises(data.DataError, match=r"bird \(1\) of .*test have test images but no training") as e:
+        data.load_data("folder", tmp_path)
+    assert one_line(e.value)
+    (tmp_path / "test" / "bird" / "0.png").unlink()  # an empty one holds nothing to score: ignored
+    assert data.load_data("folder", tmp_path).classes == ["cat", "dog", "frog"]
+
+
 def test_folder_missing(tmp_path):
     with pytest.raises(data.DataError, match="train/<class>") as e:
         data.load_data("folder", tmp_path)
