@@ -84,7 +84,6 @@ def _seed(*parts):
     return int.from_bytes(hashlib.sha256("/".join(map(str, parts)).encode()).digest()[:8], "little") >> 1
 
 
-# ----------------------------------------------------------------------------- file readers
 # torchvision's dataset classes define the layout and download (md5-checked); these parsers read it
 # (torchvision's refuse all but the official bytes on load, and read no gzipped MNIST files).
 def _path(root, rel):
@@ -187,7 +186,6 @@ def _synthetic(root, split):
     return out[1 if split == "test" else 0]  # the test set's draws follow the training set's
 
 
-# ----------------------------------------------------------------------------- registry
 @dataclass(frozen=True)
 class Spec:
     classes: Optional[tuple]  # None: inferred (folder)
@@ -266,7 +264,6 @@ def _ensure_files(name, spec, root, download):
         raise DataError(f"{name}: download finished but {where}")
 
 
-# ----------------------------------------------------------------------------- folders
 @dataclass
 class _FileReader:
     """path -> uint8 C x H x W as predict.py decodes and resizes it (first frame; gray files 1 channel,
@@ -386,7 +383,6 @@ def _load_folder(root, image_size, channels, in_memory):
     return classes, c, size, [Split(_convert_channels(x, c), y) for x, (_, y) in zip(xs, splits)]
 
 
-# ----------------------------------------------------------------------------- preprocessing
 def _convert_channels(x, channels):
     """uint8 ... x C x H x W: gray -> 3 by repetition, RGB -> 1 by Pillow's luminance (L = R 299/1000
     + G 587/1000 + B 114/1000, in Pillow's fixed point, so it equals Pillow's convert('L'))."""
@@ -491,7 +487,6 @@ def match_classes(d, classes, source):
             f"{d.name} data lists the classes of {source} in another order; labels mapped by class name")
 
 
-# ----------------------------------------------------------------------------- augmentation
 def crop_padding(size):  # the zero padding of the standard random crop: 4 px at 32 (CIFAR's), scaled
     return max(4, round(size / 8))
 
@@ -536,7 +531,6 @@ def _strong(x, u):
     return torch.where(u[:, 9, None, None, None] < 0.5, (blur + 2 * (x - blur)).clamp_(0, 255), x)
 
 
-# ----------------------------------------------------------------------------- loaders
 class Loader:
     """(x, y) batches on the device, from the split moved there as one uint8 tensor (the tensor path) or
     from DataLoader workers for a file-backed folder (the dataloader path), augmented per sample in
