@@ -3,12 +3,8 @@
     d = data.load_data("cifar10", "data")      # downloads what is missing, in torchvision's layout
     loader = data.make_loader(d.train, mean=d.mean, std=d.std, batch_size=128, train=True, augment="standard")
 
-load_data() returns a Data of uint8 splits (N x C x H x W) read from torchvision's on-disk layouts
-or an image folder (decoded by Pillow as predict.py decodes it: both see the same pixels).
-make_loader() serves batches on the device: an in-memory split sits there as one uint8 tensor (the
-tensor path); a folder too big for memory is decoded by DataLoader workers (the dataloader path).
-Either way each batch is augmented with per-sample random parameters in batched tensor ops and
-normalized on the device. An epoch's randomness is a pure function of (seed, epoch, rank).
+load_data() reads torchvision's on-disk layouts or an image folder (decoded by Pillow as predict.py
+decodes it) into uint8 N x C x H x W splits; make_loader() serves them as augmented, normalized batches.
 """
 import gzip
 import hashlib
@@ -16,7 +12,6 @@ import importlib.util
 import os
 import pickle
 import shutil
-import struct
 import sys
 import tempfile
 from collections import Counter
@@ -39,7 +34,9 @@ from runtime import cpu_count, ensure_fits, one_line, replacing
 AUGMENTS = ("none", "standard", "strong", "autoaugment", "randaugment", "trivialaugment")
 IN_MEMORY_LIMIT = 4 << 30  # folders above this many uint8 bytes use the dataloader path
 SYNTHETIC_TRAIN, SYNTHETIC_TEST = 2560, 512
-POLICY_CHUNK = 16  # one AutoAugment/RandAugment/TrivialAugment draw per 16 images
+# torchvision's AutoAugment/RandAugment/TrivialAugment draw one operation per call for the whole
+# tensor: they run per chunk of POLICY_CHUNK images, each chunk seeded from the epoch's plan
+POLICY_CHUNK = 16
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".webp")
 GRAY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")  # Pillow modes read as 1 channel
 PIL_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)  # Pillow on a bad file
@@ -87,11 +84,8 @@ def _seed(*parts):
     return int.from_bytes(hashlib.sha256("/".join(map(str, parts)).encode()).digest()[:8], "little") >> 1
 
 
-# ----------------------------------------------------------------------------- file readers
-# torchvision's dataset classes define the layout and download (md5-checked); the parsers below
-# read it: torchvision's CIFAR/SVHN check each file's md5 on load (refusing all but the official
-# bytes, so tests could not use them) and its MNIST reads only the unpacked IDX files.
-
+# torchvision's dataset classes define the layout and download (md5-checked); these parsers read it
+# (torchvision's refuse all but the official bytes on load, and read no gzipped MNIST files).
 def _path(root, rel):
     """rel or rel.gz (MNIST ships gzipped IDX files) under root, or None."""
     p = os.path.join(root, rel)
@@ -109,20 +103,16 @@ def _read_idx(path, ndim):
             buf = f.read()
         if buf[:4] != bytes([0, 0, 8, ndim]):
             raise ValueError(f"not an IDX file of {ndim}-D unsigned bytes")
-        shape = struct.unpack(f">{ndim}I", buf[4:4 + 4 * ndim])
+        shape = np.frombuffer(buf, ">u4", ndim, 4).tolist()
         return torch.from_numpy(np.frombuffer(buf, np.uint8, offset=4 + 4 * ndim).reshape(shape).copy())
-    except (OSError, EOFError, ValueError, struct.error) as e:
+    except (OSError, EOFError, ValueError) as e:
         raise _corrupt(path, e) from None
 
 
-def _read_mnist(folder, root):
-    out = []
-    for p in ("train", "t10k"):
-        x, y = (_read_idx(_path(root, f"{folder}/raw/{p}-{k}-ubyte"), int(k[-1])) for k in MNIST_KINDS)
-        if len(x) != len(y):
-            raise DataError(f"{root}/{folder}/raw/{p}-*: {len(x)} images but {len(y)} labels")
-        out += [x.unsqueeze(1), y.long()]
-    return out
+def _read_mnist(folder, root, split):
+    p = "t10k" if split == "test" else "train"
+    x, y = (_read_idx(_path(root, f"{folder}/raw/{p}-{k}-ubyte"), int(k[-1])) for k in MNIST_KINDS)
+    return x.unsqueeze(1), y.long()
 
 
 def _refuse(what):
@@ -130,26 +120,15 @@ def _refuse(what):
                     "arrays (crafted file?)")
 
 
-def _np_dtype(*args):
-    d = np.dtype(*args)
-    return _refuse(f"a numpy array of Python objects (dtype {d})") if d.hasobject else d
-
-
-def _latin1(s, encoding="utf-8", errors="strict"):  # how Python 3's protocol 2 writes bytes
-    if not isinstance(s, str) or encoding not in ("latin1", "latin-1"):
-        _refuse(f"_codecs.encode with encoding {encoding!r}")
-    return s.encode("latin1")
-
-
 _RECONSTRUCT, _FROMBUFFER = np.ndarray.__reduce__(np.zeros(0))[0], np.zeros(1).__reduce_ex__(5)[0]
-# Every global a CIFAR pickle needs: the official files (Python 2, protocol 2) name numpy's array
-# reconstruction, ndarray and dtype; Python 3 pickles of the same dicts add _codecs.encode and
-# bytes() (protocol 2) or numpy._core's names and _frombuffer (protocol 5). Only plain ndarrays.
-_CIFAR_GLOBALS = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): _np_dtype,
-                  ("_codecs", "encode"): _latin1}
+# Every global a CIFAR pickle needs: the official files (Python 2) name numpy.core's _reconstruct,
+# ndarray and dtype; Python 3 pickles add _codecs.encode + bytes (protocol 2) or numpy._core's names.
+# None of them runs code: an object array's items come from this unpickler too.
+_CIFAR_GLOBALS = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype,
+                  ("_codecs", "encode"): lambda s, *_: s.encode("latin1")}
 for _m in ("core", "_core"):
-    _CIFAR_GLOBALS[(f"numpy.{_m}.multiarray", "_reconstruct")] = lambda _, *a: _RECONSTRUCT(np.ndarray, *a)
-    _CIFAR_GLOBALS[(f"numpy.{_m}.numeric", "_frombuffer")] = lambda b, t, *a: _FROMBUFFER(b, _np_dtype(t), *a)
+    _CIFAR_GLOBALS[(f"numpy.{_m}.multiarray", "_reconstruct")] = _RECONSTRUCT
+    _CIFAR_GLOBALS[(f"numpy.{_m}.numeric", "_frombuffer")] = _FROMBUFFER
 for _m in ("builtins", "__builtin__"):
     _CIFAR_GLOBALS[(_m, "bytes")] = lambda *a: _refuse("bytes() with arguments") if a else b""
 
@@ -161,47 +140,36 @@ class _CifarUnpickler(pickle.Unpickler):
         return _CIFAR_GLOBALS.get((module, name)) or _refuse(f"{module}.{name}")
 
 
-def _read_cifar(folder, names, label_key, root):
-    out = []
-    for files in names:  # (train files, test files)
-        xs, ys = [], []
-        for path in (os.path.join(root, folder, name) for name in files):
-            try:
-                with open(path, "rb") as f:
-                    d = _CifarUnpickler(f, encoding="latin1").load()
-                xs.append(torch.from_numpy(np.asarray(d["data"], dtype=np.uint8)).view(-1, 3, 32, 32))
-                ys.append(torch.as_tensor(d[label_key], dtype=torch.int64).view(-1))
-                if len(xs[-1]) != len(ys[-1]):
-                    raise ValueError(f"{len(xs[-1])} images but {len(ys[-1])} labels")
-            except DataError as e:
-                raise DataError(f"{path}: {e}") from None
-            except Exception as e:  # whatever a damaged pickle raises
-                raise _corrupt(path, e) from None
-        out += [torch.cat(xs), torch.cat(ys)]
-    return out
-
-
-def _read_svhn(root):
-    import scipy.io
-    out = []
-    for path in (os.path.join(root, f"{s}_32x32.mat") for s in ("train", "test")):
+def _read_cifar(folder, names, label_key, root, split):
+    xs, ys = [], []
+    for path in (os.path.join(root, folder, name) for name in names[split == "test"]):  # (train, test)
         try:
-            m = scipy.io.loadmat(path)
-            x = torch.from_numpy(np.ascontiguousarray(m["X"].transpose(3, 2, 0, 1)))  # HWCN -> NCHW
-            y = torch.from_numpy(m["y"].astype(np.int64)).view(-1) % 10  # the file labels 0 as 10
-            if x.dtype != torch.uint8 or len(x) != len(y):
-                raise ValueError(f"images {tuple(x.shape)} {x.dtype}, labels {tuple(y.shape)}")
-        except (OSError, ValueError, KeyError, TypeError, NotImplementedError) as e:
-            raise _corrupt(path, e) from None
-        out += [x, y]
-    return out
+            with open(path, "rb") as f:
+                d = _CifarUnpickler(f, encoding="latin1").load()
+            xs.append(torch.from_numpy(np.asarray(d["data"], dtype=np.uint8)).view(-1, 3, 32, 32))
+            ys.append(torch.as_tensor(d[label_key], dtype=torch.int64).view(-1))
+        except Exception as e:  # _refuse's DataError, or whatever a damaged pickle raises
+            raise (DataError(f"{path}: {e}") if isinstance(e, DataError) else _corrupt(path, e)) from None
+    return torch.cat(xs), torch.cat(ys)
 
 
-def _synthetic(root=None):
-    """Deterministic, learnable 10-class images, independent of the global RNG: each class a fixed
-    random low-frequency colour texture (zero mean per channel), placed at a random circular
-    translation with a random contrast, plus pixel noise. The translation hides the class from a
-    linear model (near chance) while a small CNN learns it in two epochs (resnet20: ~75%)."""
+def _read_svhn(root, split):
+    import scipy.io
+    path = os.path.join(root, f"{split}_32x32.mat")
+    try:
+        m = scipy.io.loadmat(path)
+        x = torch.from_numpy(np.ascontiguousarray(m["X"].transpose(3, 2, 0, 1)))  # HWCN -> NCHW
+        if x.dtype != torch.uint8:
+            raise ValueError(f"images {tuple(x.shape)} {x.dtype}, not uint8")
+        return x, torch.from_numpy(m["y"].astype(np.int64)).view(-1) % 10  # the file labels 0 as 10
+    except (OSError, ValueError, KeyError, TypeError, NotImplementedError) as e:
+        raise _corrupt(path, e) from None
+
+
+def _synthetic(root, split):
+    """Deterministic 10-class images, independent of the global RNG: each class's fixed low-frequency
+    colour texture at a random circular shift (which hides it from a linear model; resnet20 learns it
+    in two epochs, ~75%), with random contrast and pixel noise."""
     g = torch.Generator().manual_seed(20240611)
     p = torch.rand(10, 3, 4, 4, generator=g) * 2 - 1
     p = p - p.mean((2, 3), keepdim=True)
@@ -211,17 +179,12 @@ def _synthetic(root=None):
     for n in (SYNTHETIC_TRAIN, SYNTHETIC_TEST):
         y = torch.randperm(n, generator=g) % 10
         shift = torch.randint(0, 32, (n, 2), generator=g)
-        rows = (torch.arange(32) + shift[:, :1]) % 32  # N x 32
-        cols = (torch.arange(32) + shift[:, 1:]) % 32
-        x = textures[y][torch.arange(n)[:, None, None, None], torch.arange(3)[None, :, None, None],
-                        rows[:, None, :, None], cols[:, None, None, :]]
+        x = torch.stack([textures[c].roll((-a, -b), (1, 2)) for c, (a, b) in zip(y.tolist(), shift.tolist())])
         contrast = 0.6 + 0.8 * torch.rand(n, 1, 1, 1, generator=g)
         x = 128 + 80 * contrast * x + 25 * torch.randn(n, 3, 32, 32, generator=g)
-        out += [x.round().clamp(0, 255).to(torch.uint8), y]
-    return out
+        out.append((x.round().clamp(0, 255).to(torch.uint8), y))
+    return out[1 if split == "test" else 0]  # the test set's draws follow the training set's
 
-
-# ----------------------------------------------------------------------------- registry
 
 @dataclass(frozen=True)
 class Spec:
@@ -231,7 +194,7 @@ class Spec:
     mean: Optional[tuple]  # true per-channel statistics of the training split; None: computed
     std: Optional[tuple]
     files: tuple = ()  # the files read, relative to data_dir, in torchvision's layout
-    read: Optional[Callable] = None  # data_dir -> [train x, train y, test x, test y]
+    read: Optional[Callable] = None  # (data_dir, "train" | "test") -> (uint8 N x C x H x W, int64 N)
     torchvision: Optional[Callable] = None  # the dataset class that downloads
     splits: tuple = ({"train": True}, {"train": False})  # its constructor arguments for train and test
 
@@ -284,8 +247,7 @@ def _ensure_files(name, spec, root, download):
         raise DataError(f"{name} not found and download is off: {where}")
     try:
         os.makedirs(root, exist_ok=True)
-        # torchvision fetches, md5-checks and unpacks into a temporary folder; only then do complete
-        # files move into place, so a failed download leaves nothing half-written where a run reads
+        # torchvision fetches, md5-checks and unpacks into a temporary folder: only complete files move in
         with tempfile.TemporaryDirectory(prefix=".download-", dir=root, ignore_cleanup_errors=True) as tmp:
             for kwargs in spec.splits:
                 spec.torchvision(tmp, download=True, **kwargs)
@@ -302,15 +264,12 @@ def _ensure_files(name, spec, root, download):
         raise DataError(f"{name}: download finished but {where}")
 
 
-# ----------------------------------------------------------------------------- folders
-
+@dataclass
 class _FileReader:
-    """path -> uint8 C x H x W, decoded as predict.read_image decodes it (first frame; grayscale
-    files 1 channel, 16-bit ones their high byte; others RGB), resized to size x size by torch's
-    antialiased uint8 resize (which predict.py reimplements), converted to `channels`."""
-
-    def __init__(self, size, channels):
-        self.size, self.channels = size, channels
+    """path -> uint8 C x H x W as predict.py decodes and resizes it (first frame; gray files 1 channel,
+    16-bit ones their high byte; others RGB; torch's antialiased resize), converted to `channels`."""
+    size: int
+    channels: Optional[int]
 
     def __call__(self, path):
         try:  # Pillow refuses damaged files and decompression bombs (Image.MAX_IMAGE_PIXELS)
@@ -325,36 +284,37 @@ class _FileReader:
         except PIL_ERRORS as e:
             raise DataError(f"cannot decode image {path}: {one_line(e)}") from None
         img = torch.from_numpy(np.atleast_3d(a).transpose(2, 0, 1).copy())
-        if img.shape[-1] != self.size or img.shape[-2] != self.size:
+        if img.shape[-2:] != (self.size, self.size):
             img = TF.resize(img, [self.size, self.size], antialias=True)
         return _convert_channels(img, self.channels)
 
 
 def _decode_all(files, reader):
-    """uint8 N x C x H x W, decoded by a thread pool (Pillow releases the GIL while decoding)."""
-    first = reader(files[0])
-    out = torch.empty(len(files), *first.shape, dtype=torch.uint8)
-    out[0] = first
-
-    def work(i):
-        out[i] = reader(files[i])
+    """uint8 N x C x H x W, decoded by threads (Pillow releases the GIL) into one preallocated tensor."""
+    out = torch.empty(len(files), *reader(files[0]).shape, dtype=torch.uint8)
     with ThreadPoolExecutor(max(2, cpu_count())) as pool:
-        list(pool.map(work, range(1, len(files)), chunksize=64))
+        list(pool.map(lambda i: out[i].copy_(reader(files[i])), range(len(files))))
     return out
 
 
-def _cached_decode(cache, prefix, key, files, reader, shape):
-    """The split's images from cache/<prefix><key>.pt, or decoded now and cached there (replacing the
-    prefix's older caches). It holds their sha256: a cache damaged inside an intact zip is rebuilt."""
-    path = os.path.join(cache, f"{prefix}{key}.pt")
+def _cached_decode(root, folder, files, reader):
+    """A split folder's images from root/.cache/<split>-<size>-<gray|rgb>-<key of the file list, sizes,
+    mtimes>.pt, or decoded and cached there (older ones removed), with a sha256 that finds damage."""
+    key = hashlib.sha256(f"v{CACHE_VERSION}\n".encode())
+    for f in files:
+        st = os.stat(f)
+        key.update(f"{f[len(root):]}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    cache, key, size, c = os.path.join(root, ".cache"), key.hexdigest()[:16], reader.size, reader.channels
+    prefix = f"{os.path.basename(folder)}-{size}x{size}-{'gray' if c == 1 else 'rgb'}-"
+    path, want = os.path.join(cache, f"{prefix}{key}.pt"), (len(files), c, size, size)
     digest = lambda x: hashlib.sha256(x.contiguous().numpy()).hexdigest()  # noqa: E731 (0.2 s per 150 MB)
     if os.path.exists(path):
         try:
             d = torch.load(path, weights_only=True)
             x = d["images"]
-            if not (torch.is_tensor(x) and x.dtype == torch.uint8 and tuple(x.shape) == (len(files), *shape)):
+            if not (torch.is_tensor(x) and x.dtype == torch.uint8 and tuple(x.shape) == want):
                 got = tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
-                problem = f"it holds {got} {getattr(x, 'dtype', '')}, not uint8 {(len(files), *shape)}"
+                problem = f"it holds {got} {getattr(x, 'dtype', '')}, not uint8 {want}"
             elif d.get("sha256") != digest(x):
                 problem = "its images do not match their checksum (damaged file)"
             else:
@@ -383,13 +343,10 @@ def _load_folder(root, image_size, channels, in_memory):
         raise DataError(f"folder: expected {dirs[0]}/<class>/*.jpg|png and {root}/test/<class>/* (or val/)")
     found = [{c.name: sorted(f.path for f in os.scandir(c) if f.name.lower().endswith(IMAGE_EXTENSIONS))
               for c in os.scandir(d) if c.is_dir() and not c.name.startswith(".")} for d in dirs]
-    unknown = sorted(set(found[1]) - set(found[0]))
-    if unknown:
-        raise DataError(f"{test} has class folders not in train/: {', '.join(unknown[:5])}")
-    # A class folder without training images would become an output the model never learns:
-    # dropped with a warning, unless the test split has images of it (then nothing can be right).
+    # A class without training images would be an output the model never learns: an empty class
+    # folder in train/ is dropped with a warning; test images of such a class are refused.
     classes, empty = ([c for c in sorted(found[0]) if bool(found[0][c]) == keep] for keep in (True, False))
-    tested = [f"{c} ({len(found[1][c])})" for c in empty if found[1].get(c)]
+    tested = [f"{c} ({len(f)})" for c, f in sorted(found[1].items()) if f and c not in classes]
     if tested:
         raise DataError(f"folder: class folder(s) {', '.join(tested)} of {test} have test images but no "
                         f"training images in {dirs[0]}: add training images or remove the class")
@@ -422,20 +379,9 @@ def _load_folder(root, image_size, channels, in_memory):
                 f"{n if in_memory else 1} images at {size}x{size} px", "choose a smaller --image-size")
     if not in_memory:
         return classes, c, size, [Split(None, y, files, _FileReader(size, c)) for files, y in splits]
-    out = []
-    for (files, y), d in zip(splits, dirs):
-        key = hashlib.sha256(f"v{CACHE_VERSION}\n".encode())
-        for f in files:  # the cache is keyed by the file list, sizes and modification times
-            st = os.stat(f)
-            key.update(f"{f[len(root):]}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-        prefix = f"{os.path.basename(d)}-{size}x{size}-{'gray' if gray else 'rgb'}-"
-        x = _cached_decode(os.path.join(root, ".cache"), prefix, key.hexdigest()[:16], files,
-                           _FileReader(size, native), (native, size, size))
-        out.append(Split(_convert_channels(x, c), y))
-    return classes, c, size, out
+    xs = [_cached_decode(root, d, files, _FileReader(size, native)) for (files, _), d in zip(splits, dirs)]
+    return classes, c, size, [Split(_convert_channels(x, c), y) for x, (_, y) in zip(xs, splits)]
 
-
-# ----------------------------------------------------------------------------- preprocessing
 
 def _convert_channels(x, channels):
     """uint8 ... x C x H x W: gray -> 3 by repetition, RGB -> 1 by Pillow's luminance (L = R 299/1000
@@ -461,8 +407,8 @@ def _stats(x):
             tuple(((p * v.square()).sum() - m.square()).clamp_min(0).sqrt().item() for p, m in zip(h, mean)))
 
 
-def _stratified(labels, k, seed):
-    """Sorted indices of k samples, each class in proportion to its size, chosen by seed."""
+def _stratified(labels, seed):
+    """All indices in an order (chosen by seed) whose every prefix holds each class in proportion."""
     n = len(labels)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     lab = labels[perm]
@@ -471,10 +417,11 @@ def _stratified(labels, k, seed):
     rank = torch.empty(n, dtype=torch.int64)
     rank[order] = torch.arange(n) - (torch.cumsum(counts, 0) - counts)[lab[order]]
     position = (rank.double() + 0.5) / counts[lab].double()  # evenly spread over [0, 1) per class
-    return perm[torch.argsort(position, stable=True)[:k]].sort().values
+    return perm[torch.argsort(position, stable=True)]
 
 
-def _subset(split, idx):
+def _subset(split, idx):  # the samples at idx, in split order
+    idx = idx.sort().values
     return Split(split.images[idx] if split.images is not None else None, split.labels[idx],
                  [split.files[i] for i in idx.tolist()] if split.files is not None else None, split.reader)
 
@@ -490,7 +437,10 @@ def load_data(name, data_dir="data", *, image_size=None, channels=None, val_spli
         classes, c, size, (train, test) = _load_folder(root, image_size, channels, in_memory)
     else:
         _ensure_files(name, spec, root, download)
-        xtr, ytr, xte, yte = spec.read(root)
+        (xtr, ytr), (xte, yte) = (spec.read(root, s) for s in ("train", "test"))
+        if len(xtr) != len(ytr) or len(xte) != len(yte):
+            raise DataError(f"{name} in {root}: the numbers of images and labels differ (delete the files to "
+                            "download them again)")
         classes, c, size = list(spec.classes), channels or spec.channels, image_size or spec.size
         n = len(xtr) + len(xte)
         ensure_fits(n * max(c, xtr.shape[1]) * size * size, "cpu", f"{n} {name} images at {size}x{size} px",
@@ -504,9 +454,8 @@ def load_data(name, data_dir="data", *, image_size=None, channels=None, val_spli
         k = round(len(train) * val_split)
         if not 0 < k < len(train):
             raise DataError(f"val_split {val_split} of {len(train)} training images leaves an empty split")
-        is_val = torch.zeros(len(train), dtype=torch.bool)
-        is_val[_stratified(train.labels, k, _seed(seed, "val"))] = True
-        val, train = _subset(train, is_val.nonzero()[:, 0]), _subset(train, (~is_val).nonzero()[:, 0])
+        order = _stratified(train.labels, _seed(seed, "val"))
+        val, train = _subset(train, order[:k]), _subset(train, order[k:])
     if spec.mean is not None and spec.channels in (1, c):  # gray repeated: the same statistics
         mean, std = spec.mean * (c // spec.channels), spec.std * (c // spec.channels)
     elif train.images is not None:  # folder, synthetic, RGB -> gray: the training split's own
@@ -514,21 +463,18 @@ def load_data(name, data_dir="data", *, image_size=None, channels=None, val_spli
     else:  # file-backed folder: estimated on up to 2000 training images spread over the split
         idx = dict.fromkeys(np.linspace(0, len(train) - 1, min(2000, len(train))).astype(int).tolist())
         mean, std = _stats(_decode_all([train.files[i] for i in idx], train.reader))
-    if limit_train and limit_train < len(train):
-        train = _subset(train, _stratified(train.labels, limit_train, _seed(seed, "limit_train")))
-    if limit_test and limit_test < len(test):
-        test = _subset(test, _stratified(test.labels, limit_test, _seed(seed, "limit_test")))
+    train, test = (_subset(s, _stratified(s.labels, _seed(seed, what))[:k]) if k and k < len(s) else s
+                   for s, k, what in ((train, limit_train, "limit_train"), (test, limit_test, "limit_test")))
     return Data(name, classes, c, size, tuple(mean), tuple(std), train, val, test)
 
 
 def match_classes(d, classes, source):
-    """`d` with its labels in the order of `classes` (a model's, from `source`) and a note when they
-    were reordered (else None): the same names in another order are mapped by name; other names are
-    a DataError naming both lists (the model's outputs would be scored against the wrong classes)."""
-    classes, have = [str(c) for c in classes], [str(c) for c in d.classes]
+    """(`d` labelled in the order of `classes`, a model's from `source`; a note when they were reordered,
+    else None). Other names than the data's are a DataError naming both lists."""
+    classes, have = list(classes), list(d.classes)
     if have == classes:
         return d, None
-    if sorted(have) != sorted(classes) or len(set(classes)) != len(classes):
+    if sorted(have) != sorted(classes):  # the data's class names are unique: so are these then
         names = lambda v, k=12: f"[{', '.join(v[:k])}{f', ... ({len(v)} in all)' * (len(v) > k)}]"  # noqa
         only = (("the data", [c for c in have if c not in classes]),
                 (source, [c for c in classes if c not in have]))
@@ -540,8 +486,6 @@ def match_classes(d, classes, source):
     return (Data(d.name, classes, d.in_channels, d.image_size, d.mean, d.std, *splits),
             f"{d.name} data lists the classes of {source} in another order; labels mapped by class name")
 
-
-# ----------------------------------------------------------------------------- augmentation
 
 def crop_padding(size):  # the zero padding of the standard random crop: 4 px at 32 (CIFAR's), scaled
     return max(4, round(size / 8))
@@ -560,10 +504,9 @@ def _crop_flip(x, dy, dx, flip, pad):
 
 
 def _strong(x, u):
-    """The 'strong' preset, batched with per-sample parameters: random-resized-crop (area 35-100%,
-    aspect 3/4-4/3), rotation up to 15 degrees and horizontal flip as one affine warp per image;
-    then brightness, contrast, saturation jitter (factors 0.6-1.4) and sharpness 2 with p 0.5.
-    x: uint8 B x C x H x W; u: B x 10 uniforms -> float B x C x H x W in [0, 255]."""
+    """The 'strong' preset with per-sample parameters u (B x 10 uniforms): random-resized-crop (area
+    35-100%, aspect 3/4-4/3), rotation up to 15 degrees and flip as one affine warp, then brightness,
+    contrast, saturation (0.6-1.4) and sharpness 2 (p 0.5). uint8 B x C x H x W -> float 0..255."""
     B, C, H, W = x.shape
     gray = lambda x: (0.2989 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]) if C == 3 else x  # noqa
     area = 0.35 + 0.65 * u[:, 0]
@@ -581,20 +524,19 @@ def _strong(x, u):
     m = gray(x).mean((1, 2, 3), keepdim=True)
     x = ((x - m) * f[:, 1:2] + m).clamp_(0, 255)
     if C == 3:
-        g = gray(x)
-        x = ((x - g) * f[:, 2:3] + g).clamp_(0, 255)
+        x = ((x - gray(x)) * f[:, 2:3] + gray(x)).clamp_(0, 255)
     kernel = torch.tensor([[1, 1, 1], [1, 5, 1], [1, 1, 1]], dtype=x.dtype, device=x.device) / 13
     blur = x.clone()  # torchvision's sharpness: the smoothed image, borders kept
     blur[:, :, 1:-1, 1:-1] = F.conv2d(x.reshape(B * C, 1, H, W), kernel[None, None]).view(B, C, H - 2, W - 2)
     return torch.where(u[:, 9, None, None, None] < 0.5, (blur + 2 * (x - blur)).clamp_(0, 255), x)
 
 
-# ----------------------------------------------------------------------------- loaders
-
 class Loader:
-    """(x, y) batches on the device (see the module docstring). train=True: shuffled, augmented,
-    sharded by rank, full batches only (or one partial batch when the shard is smaller). train=False:
-    sequential, everything. image_size: resize the batches to it (default: the split's size)."""
+    """(x, y) batches on the device, from the split moved there as one uint8 tensor (the tensor path) or
+    from DataLoader workers for a file-backed folder (the dataloader path), augmented per sample in
+    batched ops and normalized there; an epoch's randomness is a pure function of (seed, epoch, rank).
+    train: shuffled, augmented, sharded by rank, full batches only (or one when the shard is smaller);
+    else everything in order. image_size: resize the batches to it (default: the split's size)."""
 
     def __init__(self, split, *, mean, std, batch_size, train, augment="none", cutout=0, device="cpu",
                  seed=0, channels_last=False, rank=0, world_size=1, workers=4, image_size=None):
@@ -633,15 +575,13 @@ class Loader:
         if not self.train:
             return torch.arange(self.num_samples), {}
         g = torch.Generator().manual_seed(_seed(self.seed, epoch, "order"))  # the same for all ranks
-        perm = torch.randperm(self.total, generator=g)
         # Interleaved shards: rank r takes every world_size-th sample, so the ranks' batches
         # b together are exactly global batch b of a single-process run with the same seed.
-        order = perm[self.rank::self.world_size][:self.num_samples]
+        order = torch.randperm(self.total, generator=g)[self.rank::self.world_size][:self.num_samples]
         g = torch.Generator().manual_seed(_seed(self.seed, epoch, "augment", self.rank))
         n, p, pad = self.num_samples, {}, crop_padding(self.size)
         if self.augment == "standard" or self.policy is not None:
-            p["dy"] = torch.randint(0, 2 * pad + 1, (n,), generator=g)
-            p["dx"] = torch.randint(0, 2 * pad + 1, (n,), generator=g)
+            p["dy"], p["dx"] = (torch.randint(0, 2 * pad + 1, (n,), generator=g) for _ in "yx")
             p["flip"] = torch.rand(n, generator=g) < 0.5
             if self.policy is not None:
                 p["policy"] = torch.randint(2 ** 62, (n,), generator=g)  # per chunk, on the CPU
@@ -657,11 +597,9 @@ class Loader:
         dev = {k: v.to(self.device, non_blocking=True) for k, v in p.items() if k != "policy"}
         if not self.on_device:
             self._order[:], batches = order.tolist(), self._dl
-        elif self.train:
+        else:
             batches = ((self.images.index_select(0, i), self.labels.index_select(0, i))
                        for i in order.to(self.device).split(self.batch_size))
-        else:  # everything in order: views, no copies
-            batches = zip(self.images.split(self.batch_size), self.labels.split(self.batch_size))
         try:
             for b, (x, y) in enumerate(batches):
                 x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
@@ -669,8 +607,6 @@ class Loader:
                 if "dy" in dev:
                     x = _crop_flip(x, dev["dy"][s], dev["dx"][s], dev["flip"][s], crop_padding(self.size))
                 if "policy" in p:
-                    # torchvision's policies draw one operation per call for the whole tensor, so they run
-                    # per chunk of POLICY_CHUNK images (not per image), each chunk seeded from the plan
                     with torch.random.fork_rng(devices=[]):
                         for j in range(0, len(x), POLICY_CHUNK):
                             torch.random.default_generator.manual_seed(int(p["policy"][s.start + j]))

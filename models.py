@@ -3,15 +3,10 @@
     python models.py                                   # params + MACs of every model at 3x32x32
     python models.py resnet50 vgg16 --image-size 224 --num-classes 1000
 
-lenet5 (LeCun 1998, ReLU + max-pool), alexnet (Krizhevsky 2012, torchvision's single tower), nin
-(Lin 2013), vgg11/13/16/19 (+ _bn; Simonyan & Zisserman 2014, A B D E), googlenet (Szegedy 2014,
-with BatchNorm as torchvision), resnet18/34/50/101/152 (He 2015, torchvision v1.5 bottleneck) and
-resnet20/32/44/56/110/1202 (He 2015, CIFAR 6n+2, option A shortcuts). build_model(name,
-num_classes, in_channels, image_size, **options): options valued None count as not given, one the
-family does not take is a ValueError (model_options(name) lists them: stem, dropout, head,
-aux_logits, inception_kernel, residual, plain, zero_init_residual). Parameter names are
-torchvision's, so its ImageNet weights load as they are (checkpoint.torchvision_weights and
-load_transfer: README, "Fine-tune an ImageNet model").
+lenet5 (LeCun 1998), alexnet (Krizhevsky 2012, single tower), nin (Lin 2013), vgg11-19 (+ _bn;
+Simonyan & Zisserman 2014), googlenet (Szegedy 2014, with BatchNorm), resnet18-152 (He 2015, v1.5)
+and resnet20-1202 (He 2015, CIFAR 6n+2). Parameter names are torchvision's, so its ImageNet weights
+load as they are (checkpoint.torchvision_weights).
 """
 import argparse
 import sys
@@ -29,30 +24,27 @@ def _choice(option, value, choices):
     return value
 
 
-def _stem(stem, image_size):
-    """'auto' -> a CIFAR-style stem (no early downsampling) up to 64 px, the ImageNet stem above."""
-    if _choice("stem", stem, ("auto", "cifar", "imagenet")) == "auto":
-        return "cifar" if image_size <= 64 else "imagenet"
-    return stem
+def _auto(option, value, image_size, small="cifar", large="imagenet"):
+    """'auto' -> `small` (a stem without early downsampling, a compact head) up to 64 px, `large` above."""
+    if _choice(option, value, ("auto", small, large)) == "auto":
+        return small if image_size <= 64 else large
+    return value
 
 
-def _dropout(p):
+def _dropout(p):  # nn.Dropout(p), p checked
     if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p < 1:
         raise ValueError(f"dropout must be a number in [0, 1) (got {p!r})")
-    return float(p)
+    return nn.Dropout(float(p))
 
 
 def _init_weights(model, conv_mode="fan_out", linear_std=0.01):
-    """Kaiming-normal convs (He et al. 2015, as torchvision), BatchNorm = identity,
-    Linear ~ N(0, linear_std) as torchvision's VGG (None keeps PyTorch's default, as its ResNet)."""
+    """Kaiming-normal convs (He et al. 2015, as torchvision), Linear ~ N(0, linear_std) as its VGG
+    (None keeps PyTorch's default, as its ResNet); BatchNorm keeps PyTorch's identity init."""
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode=conv_mode, nonlinearity="relu")
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
         elif isinstance(m, nn.Linear) and linear_std is not None:
             nn.init.normal_(m.weight, 0, linear_std)
             nn.init.zeros_(m.bias)
@@ -62,7 +54,6 @@ def _conv_bn(cin, cout, kernel, stride=1, eps=1e-5):
     return [nn.Conv2d(cin, cout, kernel, stride, kernel // 2, bias=False), nn.BatchNorm2d(cout, eps=eps)]
 
 
-# --------------------------------------------------------------------------- LeNet-5
 class LeNet5(nn.Module):
     """conv5(6) - pool - conv5(16) - pool - fc120 - fc84 - fc(num_classes)."""
 
@@ -73,23 +64,19 @@ class LeNet5(nn.Module):
         super().__init__()
         pad = 2 if image_size < 32 else 0  # LeCun centred the 28x28 digits in a 32x32 field
         self.features = nn.Sequential(
-            nn.Conv2d(in_channels, 6, 5, padding=pad), nn.ReLU(inplace=True), nn.MaxPool2d(2),
-            # N x 6 x 14 x 14
-            nn.Conv2d(6, 16, 5), nn.ReLU(inplace=True), nn.MaxPool2d(2),
-            # N x 16 x 5 x 5
+            nn.Conv2d(in_channels, 6, 5, 1, pad), nn.ReLU(inplace=True), nn.MaxPool2d(2),  # N x 6 x 14 x 14
+            nn.Conv2d(6, 16, 5), nn.ReLU(inplace=True), nn.MaxPool2d(2),  # N x 16 x 5 x 5
             nn.AdaptiveAvgPool2d(5),  # a no-op at 28 and 32 px; keeps fc1 at 400 inputs elsewhere
         )
         self.classifier = nn.Sequential(
             nn.Flatten(), nn.Linear(16 * 5 * 5, 120), nn.ReLU(inplace=True),
-            nn.Linear(120, 84), nn.ReLU(inplace=True), nn.Linear(84, num_classes),
-        )
+            nn.Linear(120, 84), nn.ReLU(inplace=True), nn.Linear(84, num_classes))
         _init_weights(self, "fan_in", None)
 
     def forward(self, x):
         return self.classifier(self.features(x))
 
 
-# --------------------------------------------------------------------------- AlexNet
 class AlexNet(nn.Module):
     """torchvision's single-tower AlexNet. The CIFAR stem swaps conv 11x11/4 + max-pool for a
     3x3/1 conv, so 32 px inputs reach the 6x6 pool at 7x7 (224 px inputs: 6x6)."""
@@ -99,8 +86,7 @@ class AlexNet(nn.Module):
 
     def __init__(self, num_classes, in_channels=3, image_size=32, stem="auto", dropout=0.5):
         super().__init__()
-        dropout = _dropout(dropout)
-        if _stem(stem, image_size) == "imagenet":
+        if _auto("stem", stem, image_size) == "imagenet":
             first = [nn.Conv2d(in_channels, 64, 11, 4, 2), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2)]
         else:
             first = [nn.Conv2d(in_channels, 64, 3, 1, 1), nn.ReLU(inplace=True)]
@@ -113,21 +99,19 @@ class AlexNet(nn.Module):
         )  # N x 256 x 6 x 6 at 224, N x 256 x 7 x 7 at 32
         self.avgpool = nn.AdaptiveAvgPool2d(6)
         self.classifier = nn.Sequential(
-            nn.Dropout(dropout), nn.Linear(256 * 6 * 6, 4096), nn.ReLU(inplace=True),
-            nn.Dropout(dropout), nn.Linear(4096, 4096), nn.ReLU(inplace=True),
-            nn.Linear(4096, num_classes),
-        )
+            _dropout(dropout), nn.Linear(256 * 6 * 6, 4096), nn.ReLU(inplace=True),
+            _dropout(dropout), nn.Linear(4096, 4096), nn.ReLU(inplace=True),
+            nn.Linear(4096, num_classes))
         _init_weights(self, "fan_in")  # no BatchNorm: keep forward activations at unit scale
 
     def forward(self, x):
         return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
 
 
-# --------------------------------------------------------------------------- Network in Network
-# An mlpconv block = a k x k conv and two 1x1 convs (a small MLP slid over the image), all ReLU.
-# (width, kernel, stride, padding, (1x1 width, 1x1 width)); None = num_classes: the last block
-# emits one map per class, averaged globally (no FC). "M"/"A" = 3x3/2 max/avg pool, "D" = dropout.
-# cifar: the authors' CIFAR-10 model; imagenet: their 4-block ImageNet model.
+# Network in Network: an mlpconv block = a k x k conv and two 1x1 convs (an MLP slid over the
+# image), all ReLU: (width, kernel, stride, padding, (1x1 width, 1x1 width)); None = num_classes:
+# the last block emits one map per class, averaged globally (no FC). "M"/"A" = 3x3/2 max/avg pool,
+# "D" = dropout. cifar: the authors' CIFAR-10 model; imagenet: their 4-block ImageNet model.
 NIN = {
     "cifar": [(192, 5, 1, 2, (160, 96)), "M", "D", (192, 5, 1, 2, (192, 192)), "A", "D",
               (192, 3, 1, 1, (192, None))],
@@ -142,14 +126,13 @@ class NiN(nn.Module):
 
     def __init__(self, num_classes, in_channels=3, image_size=32, stem="auto", dropout=0.5):
         super().__init__()
-        dropout = _dropout(dropout)
         layers, c = [], in_channels
-        for item in NIN[_stem(stem, image_size)]:
+        for item in NIN[_auto("stem", stem, image_size)]:
             if item in ("M", "A"):  # ceil_mode as in Caffe: 28 px -> 14 -> 7, 32 px -> 16 -> 8
                 pool = nn.MaxPool2d if item == "M" else nn.AvgPool2d
                 layers.append(pool(3, 2, ceil_mode=True))
             elif item == "D":
-                layers.append(nn.Dropout(dropout))
+                layers.append(_dropout(dropout))
             else:
                 width, k, s, p, (m1, m2) = item
                 m2 = m2 or num_classes
@@ -166,8 +149,7 @@ class NiN(nn.Module):
         return torch.flatten(self.pool(self.features(x)), 1)
 
 
-# --------------------------------------------------------------------------- VGG
-# Configurations A, B, D, E (Simonyan & Zisserman 2014, Table 1): 3x3 conv widths, "M" = 2x2 pool.
+# VGG configurations A, B, D, E (Simonyan & Zisserman 2014, Table 1): 3x3 conv widths, "M" = 2x2 pool.
 VGGS = {
     11: [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
     13: [64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
@@ -186,7 +168,6 @@ class VGG(nn.Module):
     def __init__(self, depth, batch_norm, num_classes, in_channels=3, image_size=32, head="auto",
                  dropout=0.5):
         super().__init__()
-        dropout = _dropout(dropout)
         layers, c = [], in_channels
         for v in VGGS[depth]:
             if v == "M":  # ceil_mode: same shapes at 224 and 32 px, and 28 px ends at 1x1, not 0x0
@@ -196,14 +177,12 @@ class VGG(nn.Module):
                 layers += [nn.Conv2d(c, v, 3, padding=1), *bn, nn.ReLU(inplace=True)]
                 c = v
         self.features = nn.Sequential(*layers)  # N x 512 x 7 x 7 at 224, N x 512 x 1 x 1 at 32
-        head = _choice("head", head, ("auto", "compact", "paper"))
-        if head == "auto":
-            head = "compact" if image_size <= 64 else "paper"
+        head = _auto("head", head, image_size, "compact", "paper")
         pool, hidden = (7, 4096) if head == "paper" else (1, 512)
         self.avgpool = nn.AdaptiveAvgPool2d(pool)
-        fcs = [nn.Linear(512 * pool * pool, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout)]
+        fcs = [nn.Linear(512 * pool * pool, hidden), nn.ReLU(inplace=True), _dropout(dropout)]
         if head == "paper":
-            fcs += [nn.Linear(hidden, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout)]
+            fcs += [nn.Linear(hidden, hidden), nn.ReLU(inplace=True), _dropout(dropout)]
         self.classifier = nn.Sequential(*fcs, nn.Linear(hidden, num_classes))
         _init_weights(self)
 
@@ -211,8 +190,7 @@ class VGG(nn.Module):
         return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
 
 
-# --------------------------------------------------------------------------- GoogLeNet
-# Inception modules (Szegedy et al. 2014, Table 1):
+# GoogLeNet's Inception modules (Szegedy et al. 2014, Table 1):
 # (1x1, 3x3 reduce, 3x3, 5x5 reduce, 5x5, pool proj); output channels = 1x1 + 3x3 + 5x5 + pool proj.
 INCEPTION = {
     "3a": (64, 96, 128, 16, 32, 32), "3b": (128, 128, 192, 32, 96, 64),
@@ -235,10 +213,9 @@ class BasicConv2d(nn.Module):
 
 
 class Inception(nn.Module):
-    """Four branches concatenated (torchvision's names branch1..branch4). kernel: the '5x5'
-    branch's kernel (5 = paper, 3 = torchvision, pytorch/vision#906). residual: 'identity' adds x
-    where the input and output shapes match; 'projection' adds a shortcut everywhere, 1x1 conv + BN
-    where the channels change."""
+    """Four branches concatenated (torchvision's branch1..4); kernel: the '5x5' branch's (5 = paper,
+    3 = torchvision, pytorch/vision#906). residual: 'identity' adds x where the shapes match;
+    'projection' everywhere, by a 1x1 conv + BN where the channels change."""
 
     def __init__(self, cin, c1, c3r, c3, c5r, c5, cp, kernel=5, residual=None):
         super().__init__()
@@ -289,19 +266,12 @@ class GoogLeNet(nn.Module):
         kernel = int(_choice("inception_kernel", inception_kernel, (3, 5)))
         residual = {True: "identity", False: None}.get(residual, residual)  # --residual w/o value
         _choice("residual", residual, (None, "identity", "projection"))
-        dropout = _dropout(dropout)
-        if _stem(stem, image_size) == "imagenet":  # N x 192 x 28 x 28 at 224
-            self.conv1 = BasicConv2d(in_channels, 64, 7, 2)
-            self.maxpool1 = nn.MaxPool2d(3, 2, ceil_mode=True)
-            self.conv2 = BasicConv2d(64, 64, 1)
-            self.conv3 = BasicConv2d(64, 192, 3)
-            self.maxpool2 = nn.MaxPool2d(3, 2, ceil_mode=True)
-        else:  # N x 192 x 32 x 32 at 32
-            self.conv1 = BasicConv2d(in_channels, 64, 3)
-            self.maxpool1 = nn.Identity()
-            self.conv2 = BasicConv2d(64, 64, 1)
-            self.conv3 = BasicConv2d(64, 192, 3)
-            self.maxpool2 = nn.Identity()
+        big = _auto("stem", stem, image_size) == "imagenet"  # N x 192 x 28 x 28 at 224; 32 x 32 at 32
+        self.conv1 = BasicConv2d(in_channels, 64, 7 if big else 3, 2 if big else 1)
+        self.maxpool1 = nn.MaxPool2d(3, 2, ceil_mode=True) if big else nn.Identity()
+        self.conv2 = BasicConv2d(64, 64, 1)
+        self.conv3 = BasicConv2d(64, 192, 3)
+        self.maxpool2 = nn.MaxPool2d(3, 2, ceil_mode=True) if big else nn.Identity()
         cin = 192
         for name, cfg in INCEPTION.items():
             setattr(self, f"inception{name}", Inception(cin, *cfg, kernel=kernel, residual=residual))
@@ -313,7 +283,7 @@ class GoogLeNet(nn.Module):
         self.aux1 = InceptionAux(512, num_classes) if aux_logits else None
         self.aux2 = InceptionAux(528, num_classes) if aux_logits else None
         self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = _dropout(dropout)
         self.fc = nn.Linear(1024, num_classes)
         _init_weights(self)
 
@@ -330,8 +300,7 @@ class GoogLeNet(nn.Module):
         return (logits, aux1, aux2) if aux1 is not None else logits
 
 
-# --------------------------------------------------------------------------- ResNet
-# depth: (block, blocks per stage, stage widths, shortcut where the shape changes).
+# ResNet depth: (block, blocks per stage, stage widths, shortcut where the shape changes).
 # "B" = 1x1 conv + BN projection (torchvision), "A" = parameter-free subsample + zero-pad
 # (the paper's CIFAR nets). CIFAR ResNets: 6n+2 layers, n blocks per stage.
 RESNETS = {
@@ -357,10 +326,9 @@ class PadShortcut(nn.Module):
 
 
 class Block(nn.Module):
-    """relu(residual(x) + shortcut(x)) with torchvision's names: basic = conv1/bn1 3x3 - conv2/bn2
-    3x3; bottleneck = conv1 1x1 - conv2 3x3 - conv3 1x1 (x4 wide), the stride on the 3x3 (v1.5);
-    `downsample` = the shortcut where the shape changes (None: identity). plain=True: the same
-    layers without the addition."""
+    """relu(residual(x) + shortcut(x)), torchvision's names: basic = 3x3 conv1 - 3x3 conv2; bottleneck
+    = 1x1 conv1 - 3x3 conv2 (strided: v1.5) - 1x1 conv3 (x4 wide); `downsample` = the shortcut where
+    the shape changes (None: identity). plain=True: the same layers without the addition."""
 
     def __init__(self, kind, cin, width, stride, shortcut="B", plain=False):
         super().__init__()
@@ -378,14 +346,9 @@ class Block(nn.Module):
         if stride != 1 or cin != cout:
             self.downsample = (PadShortcut(cin, cout, stride) if shortcut == "A"
                                else nn.Sequential(*_conv_bn(cin, cout, 1, stride)))
-        # A plain block keeps its projection module (unused) so that the plain and residual twins
-        # have the same parameter count; their parameters get no gradient (DDP therefore needs
-        # find_unused_parameters=True for plain ImageNet ResNets; CIFAR ones have no projection).
+        # A plain block keeps its (unused) projection: the twins have equal parameter counts; with
+        # no gradient there, DDP needs find_unused_parameters=True for plain ImageNet ResNets.
         self.plain = plain
-
-    def last_bn(self):
-        """The BatchNorm that closes the residual branch (zero_init_residual zeroes its weight)."""
-        return self.bn3 if self.bottleneck else self.bn2
 
     def forward(self, x):
         out = self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
@@ -409,34 +372,26 @@ class ResNet(nn.Module):
             raise ValueError("zero_init_residual needs the shortcuts: a plain network would output zeros")
         kind, blocks, widths, shortcut = RESNETS[depth]
         c = widths[0]
-        if _stem(stem, image_size) == "imagenet":  # N x c x 56 x 56 at 224
-            self.conv1, self.bn1 = _conv_bn(in_channels, c, 7, 2)
-            self.relu = nn.ReLU(inplace=True)
-            self.maxpool = nn.MaxPool2d(3, 2, 1)
-        else:  # N x c x 32 x 32 at 32
-            self.conv1, self.bn1 = _conv_bn(in_channels, c, 3)
-            self.relu = nn.ReLU(inplace=True)
-            self.maxpool = nn.Identity()
-        self.num_stages = len(blocks)
-        for i, (n, width) in enumerate(zip(blocks, widths)):
-            stage = []
-            for j in range(n):
-                stage.append(Block(kind, c, width, 2 if i > 0 and j == 0 else 1, shortcut, plain))
-                c = width * (4 if kind == "bottleneck" else 1)
+        big = _auto("stem", stem, image_size) == "imagenet"  # N x c x 56 x 56 at 224; 32 x 32 at 32
+        self.conv1, self.bn1 = _conv_bn(in_channels, c, 7 if big else 3, 2 if big else 1)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, 2, 1) if big else nn.Identity()
+        for i, (n, width) in enumerate(zip(blocks, widths)):  # the first block of a stage downsamples
+            stage = [Block(kind, c, width, 2 if i > 0 else 1, shortcut, plain)]
+            c = width * (4 if kind == "bottleneck" else 1)
+            stage += [Block(kind, c, width, 1, shortcut, plain) for _ in range(n - 1)]
             setattr(self, f"layer{i + 1}", nn.Sequential(*stage))
-        # ImageNet: 56 -> 56, 28, 14, 7 px (at 224); CIFAR: 32 -> 32, 16, 8 px (at 32)
-        # N x 512 (2048 for bottleneck; 64 for CIFAR) x 7 x 7
+        # 56 -> 56, 28, 14, 7 px at 224: N x 512 (bottleneck 2048) x 7 x 7; CIFAR 32 -> 32, 16, 8 px
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(c, num_classes)
         _init_weights(self, linear_std=None)
         if zero_init_residual:  # each block starts as the identity (Goyal et al. 2017)
             for m in self.modules():
-                if isinstance(m, Block):
-                    nn.init.zeros_(m.last_bn().weight)
+                if isinstance(m, Block):  # the BatchNorm that closes the residual branch
+                    nn.init.zeros_((m.bn3 if m.bottleneck else m.bn2).weight)
 
-    def stages(self):
-        """layer1, layer2, ... in order."""
-        return [getattr(self, f"layer{i + 1}") for i in range(self.num_stages)]
+    def stages(self):  # layer1, layer2, ... in order
+        return [m for n, m in self.named_children() if n.startswith("layer")]
 
     def forward(self, x):
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
@@ -445,39 +400,35 @@ class ResNet(nn.Module):
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
-# --------------------------------------------------------------------------- registry
 # name -> builder(num_classes, in_channels=3, image_size=32, **options): a family class, or the
 # class with its table row bound (partial), e.g. MODELS["resnet50"](1000, 3, 224).
 MODELS = {
-    "lenet5": LeNet5,
-    "alexnet": AlexNet,
-    "nin": NiN,
+    "lenet5": LeNet5, "alexnet": AlexNet, "nin": NiN,
     **{f"vgg{d}{'_bn' * bn}": partial(VGG, d, bn) for bn in (False, True) for d in VGGS},
     "googlenet": GoogLeNet,
     **{f"resnet{d}": partial(ResNet, d) for d in RESNETS},
 }
 
 
+def _family(name):  # the class: partial(ResNet, 50).func is ResNet
+    return getattr(MODELS[name], "func", MODELS[name])
+
+
 def model_options(name):
     """The options build_model takes for this model, e.g. ('plain', 'stem', 'zero_init_residual')."""
-    builder = MODELS[name]
-    return getattr(builder, "func", builder).OPTIONS  # partial(ResNet, 50).func is ResNet
+    return _family(name).OPTIONS
 
 
 def min_image_size(name, image_size=32, **options):
-    """The smallest input side (px) the model built with these arguments can take: its
-    downsampling must leave at least 1 x 1 px for every pool (the MIN_SIZE of its family, per
-    stem; 1 for VGG and the ResNets, which pad and pool adaptively). Tested against forward
-    passes on the meta device."""
-    builder = MODELS[name]
-    table = getattr(getattr(builder, "func", builder), "MIN_SIZE", 1)
-    return table[_stem(options.get("stem") or "auto", image_size)] if isinstance(table, dict) else table
+    """The smallest input side (px) that leaves every pool at least 1 x 1 px: the family's MIN_SIZE
+    (per stem), 1 for VGG and the ResNets (they pad and pool adaptively)."""
+    size = getattr(_family(name), "MIN_SIZE", 1)
+    return size[_auto("stem", options.get("stem") or "auto", image_size)] if isinstance(size, dict) else size
 
 
 def build_model(name, num_classes, in_channels=3, image_size=32, **options):
-    """A freshly initialised model; image_size picks the 'auto' stem / head, inputs of any size
-    the network can downsample work (adaptive pooling). An image_size below the model's minimum
-    (min_image_size) is a ValueError that names the minimum."""
+    """A freshly initialised model; image_size picks the 'auto' stem / head (adaptive pooling takes
+    other sizes too); options valued None count as not given; bad arguments are a ValueError."""
     if not isinstance(name, str) or name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose from: {', '.join(MODELS)}")
     sizes = {"num_classes": num_classes, "in_channels": in_channels, "image_size": image_size}
@@ -513,7 +464,6 @@ def count_macs(model, input_shape):
     return counter.get_total_flops() // 2
 
 
-# --------------------------------------------------------------------------- the table
 def _model_name(name):
     if name not in MODELS:
         raise argparse.ArgumentTypeError(f"unknown model {name!r}; choose from: {', '.join(MODELS)}")

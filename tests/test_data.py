@@ -43,13 +43,15 @@ def write_cifar(root, name, n_train=50, n_test=20, classes=10):
     else:
         folder, key, files, chunks = root / "cifar-100-python", "fine_labels", ["train"], [np.arange(n_train)]
     folder.mkdir(parents=True, exist_ok=True)
-    for f, idx in list(zip(files, chunks)) + [("test_batch" if name == "cifar10" else "test", np.arange(n_train, n_train + n_test))]:
+    test = ("test_batch" if name == "cifar10" else "test", np.arange(n_train, n_train + n_test))
+    for f, idx in list(zip(files, chunks)) + [test]:
         with open(folder / f, "wb") as fh:
             pickle.dump({"data": x[idx], key: [y[i] for i in idx], "batch_label": f}, fh, protocol=2)
     return x, np.array(y), n_train
 
 
-def write_folder(root, classes=("cat", "dog", "frog"), n_train=8, n_test=3, size=(32, 32), mode="RGB", ext="png"):
+def write_folder(root, classes=("cat", "dog", "frog"), n_train=8, n_test=3, size=(32, 32), mode="RGB",
+                 ext="png"):
     """DIR/train/<class>/i.png and DIR/test/<class>/i.png written by PIL; returns the arrays."""
     r, out = rng(2), {}
     for split, n in (("train", n_train), ("test", n_test)):
@@ -73,7 +75,8 @@ def one_line(msg):
 # ----------------------------------------------------------------------------- registry, formats
 
 def test_registry():
-    assert set(data.DATASETS) == {"mnist", "fashion-mnist", "kmnist", "cifar10", "cifar100", "svhn", "folder", "synthetic"}
+    assert set(data.DATASETS) == {"mnist", "fashion-mnist", "kmnist", "cifar10", "cifar100", "svhn", "folder",
+                                  "synthetic"}
     assert data.AUGMENTS == ("none", "standard", "strong", "autoaugment", "randaugment", "trivialaugment")
     assert data.DATASETS["cifar10"].std == (0.2470, 0.2435, 0.2616)
     assert data.DATASETS["cifar10"].mean == (0.4914, 0.4822, 0.4465)
@@ -81,7 +84,8 @@ def test_registry():
     assert len(set(c100)) == 100 and list(c100) == sorted(c100)
 
 
-@pytest.mark.parametrize("name,folder", [("mnist", "MNIST"), ("fashion-mnist", "FashionMNIST"), ("kmnist", "KMNIST")])
+@pytest.mark.parametrize("name,folder", [("mnist", "MNIST"), ("fashion-mnist", "FashionMNIST"),
+                                         ("kmnist", "KMNIST")])
 def test_mnist_family_idx_raw_and_gz(tmp_path, name, folder):
     r = rng(0)
     xtr, ytr = r.integers(0, 256, (30, 28, 28)), np.arange(30) % 10
@@ -94,7 +98,8 @@ def test_mnist_family_idx_raw_and_gz(tmp_path, name, folder):
     d = data.load_data(name, tmp_path, download=False)
     assert (d.in_channels, d.image_size, d.num_classes) == (1, 28, 10)
     assert d.train.images.dtype == torch.uint8 and d.train.images.shape == (30, 1, 28, 28)
-    assert np.array_equal(d.train.images[:, 0].numpy(), xtr) and np.array_equal(d.test.images[:, 0].numpy(), xte)
+    assert np.array_equal(d.train.images[:, 0].numpy(), xtr)
+    assert np.array_equal(d.test.images[:, 0].numpy(), xte)
     assert d.train.labels.dtype == torch.int64 and np.array_equal(d.test.labels.numpy(), yte)
     assert d.mean == data.DATASETS[name].mean and len(d.classes) == 10
     d3 = data.load_data(name, tmp_path, download=False, image_size=32, channels=3)
@@ -111,9 +116,11 @@ def test_cifar_pickles(tmp_path, name):
     img = d.train.images.numpy()
     for i, c, h, w in [(0, 0, 0, 0), (7, 1, 5, 30), (49, 2, 31, 31), (13, 2, 17, 4)]:
         assert img[i, c, h, w] == x[i, c * 1024 + h * 32 + w]  # CIFAR: 1024 R, then G, then B, rows
-    assert np.array_equal(d.test.labels.numpy(), y[n:]) and d.num_classes == (10 if name == "cifar10" else 100)
+    assert np.array_equal(d.test.labels.numpy(), y[n:])
+    assert d.num_classes == (10 if name == "cifar10" else 100)
     g = data.load_data(name, tmp_path, download=False, channels=1)  # RGB -> luminance, as PIL's 'L'
-    ref = [np.asarray(Image.fromarray(x[i].reshape(3, 32, 32).transpose(1, 2, 0)).convert("L")) for i in range(n)]
+    ref = [np.asarray(Image.fromarray(x[i].reshape(3, 32, 32).transpose(1, 2, 0)).convert("L"))
+           for i in range(n)]
     assert np.array_equal(g.train.images[:, 0].numpy(), np.stack(ref))
     assert g.mean[0] == pytest.approx(np.stack(ref).mean() / 255, abs=1e-9)
     assert g.std[0] == pytest.approx(np.stack(ref).std() / 255, abs=1e-9)
@@ -200,7 +207,8 @@ def test_folder_pixels_labels_stats(tmp_path):
     assert np.array_equal(d.train.images.numpy(), ref["train"][0])  # lossless PNG round trip
     assert np.array_equal(d.test.labels.numpy(), ref["test"][1])
     x = ref["train"][0].astype(np.float64) / 255
-    assert np.allclose(d.mean, x.mean((0, 2, 3)), atol=1e-9) and np.allclose(d.std, x.std((0, 2, 3)), atol=1e-9)
+    assert np.allclose(d.mean, x.mean((0, 2, 3)), atol=1e-9)
+    assert np.allclose(d.std, x.std((0, 2, 3)), atol=1e-9)
 
 
 def test_folder_mixed_sizes_gray_and_val_dir(tmp_path):
@@ -229,6 +237,17 @@ def test_folder_cache(tmp_path, monkeypatch):
     assert len(list((tmp_path / ".cache").iterdir())) == 2  # the stale train cache was replaced
 
 
+def test_folder_test_class_without_training_images(tmp_path):
+    write_folder(tmp_path)
+    (tmp_path / "test" / "bird").mkdir()
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "test" / "bird" / "0.png")
+    with pytest.raises(data.DataError, match=r"bird \(1\) of .*test have test images but no training") as e:
+        data.load_data("folder", tmp_path)
+    assert one_line(e.value)
+    (tmp_path / "test" / "bird" / "0.png").unlink()  # an empty one holds nothing to score: ignored
+    assert data.load_data("folder", tmp_path).classes == ["cat", "dog", "frog"]
+
+
 def test_folder_missing(tmp_path):
     with pytest.raises(data.DataError, match="train/<class>") as e:
         data.load_data("folder", tmp_path)
@@ -240,7 +259,8 @@ def test_folder_missing(tmp_path):
 def split_of(n=300, c=3, size=32, seed=0):
     """Random images (values 1..255, so zeros can only come from cutout); labels = sample ids."""
     g = torch.Generator().manual_seed(seed)
-    return data.Split(torch.randint(1, 256, (n, c, size, size), dtype=torch.uint8, generator=g), torch.arange(n))
+    images = torch.randint(1, 256, (n, c, size, size), dtype=torch.uint8, generator=g)
+    return data.Split(images, torch.arange(n))
 
 
 def to_uint8(x):
@@ -259,7 +279,8 @@ def test_tensor_path_shapes_and_batches():
     assert len(torch.cat([b[1] for b in batches]).unique()) == 256
     E = data.make_loader(s, mean=(0.0,) * 3, std=(1.0,) * 3, batch_size=64, train=False, augment="strong")
     xs, ys = zip(*E)
-    assert len(E) == 5 and [len(v) for v in ys] == [64] * 4 + [44] and torch.equal(torch.cat(ys), torch.arange(300))
+    assert len(E) == 5 and [len(v) for v in ys] == [64] * 4 + [44]
+    assert torch.equal(torch.cat(ys), torch.arange(300))
     assert torch.equal(to_uint8(torch.cat(xs)), s.images)  # evaluation: never augmented
     small = data.make_loader(split_of(10), mean=(0.0,) * 3, std=(1.0,) * 3, batch_size=64, train=True)
     assert len(small) == 1 and len(next(iter(small))[1]) == 10  # smaller than a batch: kept
@@ -271,13 +292,14 @@ def test_crop_flip_is_per_sample_and_matches_reference():
     s = split_of(256)
     L = data.make_loader(s, mean=(0.0,) * 3, std=(1.0,) * 3, batch_size=128, train=True, augment="standard")
     padded = np.pad(s.images.numpy(), ((0, 0), (0, 0), (4, 4), (4, 4)))
-    windows = np.lib.stride_tricks.sliding_window_view(padded, (32, 32), axis=(2, 3))  # N x 3 x 9 x 9 x 32 x 32
+    # N x 3 x 9 x 9 x 32 x 32
+    windows = np.lib.stride_tricks.sliding_window_view(padded, (32, 32), axis=(2, 3))
     found, flips = set(), []
     for epoch in range(4):
         L.set_epoch(epoch)
         for x, y in L:
             for img, i in zip(to_uint8(x).numpy(), y.tolist()):
-                crops = windows[i].transpose(1, 2, 0, 3, 4)  # 9 x 9 x 3 x 32 x 32: every crop of the padded image
+                crops = windows[i].transpose(1, 2, 0, 3, 4)  # 9 x 9 x 3 x 32 x 32: every padded crop
                 hits = [(dy, dx, f) for f, ref in enumerate((crops, crops[..., ::-1]))
                         for dy, dx in zip(*np.nonzero((ref == img).all((2, 3, 4))))]
                 assert len(hits) == 1  # a crop of the zero-padded image, maybe flipped
@@ -347,10 +369,10 @@ def test_val_split_and_limits():
     assert len(d.val) == 256 and len(d.train) == 2304
     assert set(torch.bincount(d.val.labels).tolist()) == {25, 26}  # 10% of 256 per class
     where = {img.numpy().tobytes(): i for i, img in enumerate(data.load_data("synthetic").train.images)}
-    idx = lambda part: {where[img.numpy().tobytes()] for img in part.images}
+    idx = lambda part: {where[img.numpy().tobytes()] for img in part.images}  # noqa: E731
     vi, ti = idx(d.val), idx(d.train)
     assert not vi & ti and len(vi | ti) == 2560
-    again, other = data.load_data("synthetic", val_split=0.1, seed=3), data.load_data("synthetic", val_split=0.1, seed=4)
+    again, other = (data.load_data("synthetic", val_split=0.1, seed=s) for s in (3, 4))
     assert torch.equal(again.val.images, d.val.images) and not torch.equal(other.val.images, d.val.images)
     small = data.load_data("synthetic", val_split=0.1, limit_train=100, limit_test=50, seed=3)
     assert len(small.train) == 100 and len(small.test) == 50 and len(small.val) == 256
@@ -366,7 +388,8 @@ def test_synthetic_deterministic_and_options():
     b = data.load_data("synthetic", channels=1, image_size=28)
     assert a.train.images.shape == (data.SYNTHETIC_TRAIN, 3, 32, 32) and len(a.test) == data.SYNTHETIC_TEST
     assert b.train.images.shape == (data.SYNTHETIC_TRAIN, 1, 28, 28) and b.in_channels == 1
-    assert torch.equal(a.train.labels, b.train.labels) and torch.equal(a.train.images, data.load_data("synthetic").train.images)
+    assert torch.equal(a.train.labels, b.train.labels)
+    assert torch.equal(a.train.images, data.load_data("synthetic").train.images)
     assert torch.bincount(a.train.labels).tolist() == [256] * 10 and a.num_classes == 10
 
 

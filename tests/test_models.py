@@ -122,7 +122,8 @@ def test_stems_auto_and_forced(name):
     small = on_meta(lambda: first_conv(models.build_model(name, 5, 3, 64)))
     large = on_meta(lambda: first_conv(models.build_model(name, 5, 3, 65)))
     assert small.stride == (1, 1) and large.stride != (1, 1)
-    forced = on_meta(lambda: first_conv(models.build_model(name, 5, 3, 64, stem="imagenet")))  # 32 px: too small for it
+    # at 64 px: 32 px is too small for the ImageNet stem
+    forced = on_meta(lambda: first_conv(models.build_model(name, 5, 3, 64, stem="imagenet")))
     assert forced.stride != (1, 1)
     assert on_meta(lambda: out_shape(224, stem="cifar")) == (1, 5)
     assert on_meta(lambda: out_shape(64, stem="imagenet")) == (1, 5)
