@@ -95,7 +95,6 @@ def write_json(result, out):
     return result
 
 
-# ----------------------------------------------------------------------------- the classic pipeline
 class PILDataset(torch.utils.data.Dataset):
     """A uint8 split served as PIL images, the way torchvision's CIFAR10 class serves them."""
 
@@ -150,7 +149,6 @@ def loader_benchmark(args, device, d):
     return result
 
 
-# ----------------------------------------------------------------------------- training speed
 class PeakMemory:
     """CUDA memory of one configuration as if it ran alone (row field peak_memory_gib): what it holds
     (allocated while it was built or left by its steps) plus the peak of its steps above what was

@@ -229,7 +229,6 @@ def load_init(path):
     raise CheckpointError(f"{path} is neither a deeper-networks checkpoint nor a state_dict (of tensors)")
 
 
-# --------------------------------------------------------------------------- torchvision's weights, transfer
 class WeightsError(ValueError):
     """Pretrained weights that cannot be had or do not apply (one-line message)."""
 

@@ -29,6 +29,7 @@ import torchvision.transforms.v2 as v2
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
+from predict import GRAY_MODES, IMAGE_EXTENSIONS, PIL_ERRORS, PredictError, read_image  # one decoder
 from runtime import cpu_count, ensure_fits, one_line, replacing
 
 AUGMENTS = ("none", "standard", "strong", "autoaugment", "randaugment", "trivialaugment")
@@ -37,9 +38,6 @@ SYNTHETIC_TRAIN, SYNTHETIC_TEST = 2560, 512
 # torchvision's AutoAugment/RandAugment/TrivialAugment draw one operation per call for the whole
 # tensor: they run per chunk of POLICY_CHUNK images, each chunk seeded from the epoch's plan
 POLICY_CHUNK = 16
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".webp")
-GRAY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")  # Pillow modes read as 1 channel
-PIL_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)  # Pillow on a bad file
 MNIST_KINDS = ("images-idx3", "labels-idx1")  # IDX files: kind and number of dimensions
 CACHE_VERSION = 3  # 3: decoded by Pillow; the cache holds the sha256 of its images
 
@@ -266,24 +264,17 @@ def _ensure_files(name, spec, root, download):
 
 @dataclass
 class _FileReader:
-    """path -> uint8 C x H x W as predict.py decodes and resizes it (first frame; gray files 1 channel,
-    16-bit ones their high byte; others RGB; torch's antialiased resize), converted to `channels`."""
+    """path -> uint8 C x H x W: decoded by predict.read_image, resized by torch's antialiased uint8
+    resize (which predict.py reimplements), converted to `channels`."""
     size: int
     channels: Optional[int]
 
     def __call__(self, path):
-        try:  # Pillow refuses damaged files and decompression bombs (Image.MAX_IMAGE_PIXELS)
-            with Image.open(path) as im:
-                im.seek(0)
-                if im.mode not in GRAY_MODES:
-                    a = np.asarray(im.convert("RGB"))
-                elif im.mode.startswith("I"):
-                    a = np.clip(np.asarray(im).astype(np.int64) >> 8, 0, 255).astype(np.uint8)
-                else:
-                    a = np.asarray(im.convert("L"))
-        except PIL_ERRORS as e:
-            raise DataError(f"cannot decode image {path}: {one_line(e)}") from None
-        img = torch.from_numpy(np.atleast_3d(a).transpose(2, 0, 1).copy())
+        try:
+            a = read_image(path)
+        except PredictError as e:
+            raise DataError(str(e)) from None
+        img = torch.from_numpy(a.transpose(2, 0, 1).copy())
         if img.shape[-2:] != (self.size, self.size):
             img = TF.resize(img, [self.size, self.size], antialias=True)
         return _convert_channels(img, self.channels)

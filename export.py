@@ -61,7 +61,6 @@ class Float16(torch.nn.Module):
         return self.model(x.half()).float()
 
 
-# --------------------------------------------------------------------------- metadata
 def model_info(ck, path):
     """What a deployment needs to know besides the weights (load_checkpoint checked the fields)."""
     if ck["mean"] is None or ck["std"] is None:  # a weights-only checkpoint may lack them
@@ -82,7 +81,6 @@ def aoti_meta(info, device, dynamic_batch):
     return "\n".join(lines + [f"class {one_line(c)}" for c in info["classes"]]) + "\n"
 
 
-# --------------------------------------------------------------------------- export
 def example_input(info, batch, device="cpu"):
     # Batch 2, not 1, for a dynamic batch: torch.export specializes sizes 0 and 1.
     return torch.randn(batch, info["in_channels"], info["image_size"], info["image_size"], device=device)
@@ -127,7 +125,6 @@ def export_aoti(model, info, path, *, device, dynamic_batch=True, fp16=False):
     write_text(f"{path}.meta", aoti_meta(info, device, dynamic_batch))
 
 
-# --------------------------------------------------------------------------- onnxruntime
 def ort_session(path, provider, *, threads=None, batch_shape=None, exact=False):
     """An InferenceSession on exactly `provider` ('tensorrt' | 'cuda' | 'cpu'), else ValueError.
     batch_shape (N, C, H, W): the only shape it will see (CUDA graphs, a TensorRT profile). exact: CUDA
@@ -198,7 +195,6 @@ class OrtRunner:
         return self.out
 
 
-# --------------------------------------------------------------------------- data and checks
 def load_data_of(ck, args, **limits):
     """(the checkpoint's data, None) or (None, why it is not there). Data of other classes is
     refused (ValueError), as evaluate.py refuses it: outputs would be scored against wrong labels."""
@@ -263,7 +259,6 @@ def check(runners, model, ck, args, device, real=None, tf32=()):
         raise ValueError("check failed: " + "; ".join(failures))
 
 
-# --------------------------------------------------------------------------- int8
 def int8_data(ck, args):
     """The checkpoint's data with --calibration training images (a stratified sample); ValueError
     when they are not on disk: int8 ranges from anything else would be a guess."""
@@ -338,7 +333,6 @@ def check_int8(onnx_path, int8_path, ck, args, data, threads):
                          f"(--int8-max-drop {args.int8_max_drop:g})")
 
 
-# --------------------------------------------------------------------------- benchmark
 @cuda_flags(tf32=True, benchmark=True)  # as onnxruntime: TF32 (TensorRT cannot turn it off), algorithm search
 def benchmark(model, info, onnx_path, aoti_path, args, device, provider, threads, rounds=5, int8_path=None):
     """Rows of {runtime, batch, median_ms, p90_ms, images_per_second, setup_s, precision, layout,
@@ -393,7 +387,6 @@ def benchmark(model, info, onnx_path, aoti_path, args, device, provider, threads
     return rows
 
 
-# --------------------------------------------------------------------------- main
 def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__.split("\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -25,8 +25,9 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".webp")  # what data.py reads from a folder
-GRAY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")  # Pillow modes data.py decodes as gray
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".webp")  # what a folder's images may be
+GRAY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")  # Pillow modes decoded as gray
+PIL_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)  # Pillow on a bad file
 PROVIDERS = {"tensorrt": "TensorrtExecutionProvider", "cuda": "CUDAExecutionProvider",
              "cpu": "CPUExecutionProvider"}
 TENSORRT = "libnvinfer.so.10"  # TensorRT 10: what onnxruntime-gpu 1.31 links (pip's tensorrt 11.x is not it)
@@ -34,14 +35,13 @@ TENSORRT = "libnvinfer.so.10"  # TensorRT 10: what onnxruntime-gpu 1.31 links (p
 NEEDS = {"cuda": ("libcuda.so.1",), "tensorrt": ("libcuda.so.1", TENSORRT), "cpu": ()}
 
 
-class PredictError(Exception):
+class PredictError(ValueError):
     """A user-facing problem; the message is one line."""
 
 
-# --------------------------------------------------------------------------- preprocessing
 def read_image(path):
-    """uint8 H x W x C (C = 1 for grayscale files, else 3), decoded as data.py decodes it: the first
-    frame of an animation, alpha dropped, 16-bit samples shifted down to 8 bits."""
+    """uint8 H x W x C (C = 1 for grayscale files, else 3): the first frame of an animation, alpha
+    dropped, 16-bit samples shifted down to 8 bits. data.py decodes folders with this very function."""
     try:
         with Image.open(path) as im:
             im.seek(0)
@@ -50,7 +50,7 @@ def read_image(path):
             if im.mode.startswith("I"):  # 16-bit gray: the high byte, as torchvision decodes it
                 return np.clip(np.asarray(im).astype(np.int64) >> 8, 0, 255).astype(np.uint8)[:, :, None]
             return np.asarray(im.convert("L"))[:, :, None]
-    except (OSError, ValueError, SyntaxError) as e:  # Pillow raises these for unreadable files
+    except PIL_ERRORS as e:  # damaged files, decompression bombs (Image.MAX_IMAGE_PIXELS)
         why = " ".join(str(e).split()) or type(e).__name__
         raise PredictError(f"cannot read image {path}: {why}") from None
 
@@ -112,7 +112,6 @@ def normalize(x, mean, std):
     return (x.astype(np.float32) / np.float32(255) - mean) / std
 
 
-# --------------------------------------------------------------------------- model
 def loads(lib):
     """Whether a shared library loads (Linux names; elsewhere onnxruntime decides). TensorRT also from
     pip's tensorrt-cu13-libs, whose folder the loader does not search: importing it loads its libraries."""
@@ -212,7 +211,6 @@ class Model:
                 for i, p in enumerate(paths)]
 
 
-# --------------------------------------------------------------------------- main
 def image_files(inputs):
     """Files as given, and every image under a directory (sorted, recursively; hidden ones skipped)."""
     files = []

@@ -32,8 +32,6 @@ NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # elsewhere bf16 autocast is em
 COMPILE_MIN_STEPS_CPU = 1500
 
 
-# ----------------------------------------------------------------------------- choices
-
 def pick_device(name="auto"):
     """'auto': cuda, then mps, then cpu; an explicit device that is not there is a ValueError."""
     there = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
@@ -187,8 +185,6 @@ def cudagraph_note(mode, world, model):
     return None
 
 
-# ----------------------------------------------------------------------------- hardware, timing
-
 def _cpuinfo(keys):
     try:
         with open("/proc/cpuinfo") as f:
@@ -301,8 +297,6 @@ def is_out_of_memory(e):
     return isinstance(e, (MemoryError, torch.OutOfMemoryError)) or isinstance(e, RuntimeError) and any(
         s in str(e) for s in ("not enough memory", "allocate memory", "out of memory"))
 
-
-# ----------------------------------------------------------------------------- the command line
 
 def number(kind, lo=None, hi=None, *, lo_open=False, hi_open=False, what=""):
     """An argparse type: a finite int or float in the range (either end open where None); else

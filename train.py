@@ -202,8 +202,6 @@ def check_args(a):
         raise ValueError("--tensorboard needs the tensorboard package: pip install tensorboard")
 
 
-# ----------------------------------------------------------------------------- optimization
-
 def build_optimizer(model, device, *, optimizer="sgd", lr, weight_decay, momentum=0.9, nesterov=True,
                     backbone_lr_scale=None):
     """SGD or AdamW over the trainable parameters, no weight decay on BatchNorm/bias (1-D) tensors.
@@ -392,8 +390,6 @@ def unwrap(model):
     model = getattr(model, "_orig_mod", model)
     return getattr(model, "module", model)
 
-
-# ----------------------------------------------------------------------------- a run, step by step
 
 def build_run(a, d, device, rank, world, resume_ck):
     """Everything a run trains with (a dict): model, loaders, optimizer, schedule, scaler, EMA,

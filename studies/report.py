@@ -1,7 +1,7 @@
 """The README's study table, written from the files under results/: no number is typed by hand.
 
     python studies/report.py            # print the table block
-    python studies/report.py --write    # replace README.md's <!-- results:begin --> ... <!-- results:end -->
+    python studies/report.py --write    # README.md's marked blocks (study table, seed table) + the figure
     python studies/report.py --check    # exit 1 when README.md's block is not what results/ says
     python studies/report.py --compare results/depth_vs_lr   # its comparison.* and figures again
 
@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from compare import (RUNTIME_KEYS, comparison, config_key, group_runs, load_run_dirs, mean_std,  # noqa: E402
-                     read_object, read_report)
+                     read_history, read_object, read_report, save_figure)
 from runtime import run_cli, write_text  # noqa: E402
 
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
@@ -58,6 +58,13 @@ TABLE = [
      tuple(f"cifar10-{m}" for m in ("alexnet", "vgg19", "resnet18", "resnet34", "resnet50")), "top1"),
 ]
 UNITS = {"top1": "% top-1", "error": "% test error"}
+# The seed report's table 1 (CIFAR-10 test error %, 20 / 50 / 100 epochs) and its training times (s,
+# ResNet-20 only, on its GPU); ours: results/<SEED_DIRS[epochs]>/resnet<depth>/.
+SEED = {20: (19.33, 17.78, 10.04), 32: (19.85, 14.00, 9.36), 44: (18.56, 16.26, 9.66)}
+SEED_SECONDS = {20: (838, 2074, 4113)}
+SEED_DIRS = {20: "cifar_resnet_depth", 50: "cifar_resnet_depth_50ep", 100: "cifar_resnet_depth_100ep"}
+SEED_BEGIN, SEED_END = "<!-- seedtable:begin -->", "<!-- seedtable:end -->"
+DEPTHS = (20, 32, 44, 56)  # the degradation figure: plain<d> and resnet<d> of results/cifar_resnet_depth
 NOTE = ("Ours: the evaluated checkpoint's test top-1 (error rows: 100 - top-1), in %; over seeds "
         "mean ± std (sample std, ddof=1) of n runs; \"–\": not yet run. Written from results/ by "
         "studies/report.py.")
@@ -159,12 +166,64 @@ def block(results):
     return "\n".join(lines) + "\n\n" + textwrap.fill(NOTE, 95) + "\n"
 
 
-def replace_block(text, new):
-    """README text with the part between BEGIN and END replaced by `new`."""
-    if text.count(BEGIN) != 1 or text.count(END) != 1 or text.index(BEGIN) > text.index(END):
-        raise ValueError(f"README needs one {BEGIN} line followed by one {END} line")
-    head, rest = text.split(BEGIN)
-    return head + BEGIN + "\n" + new + END + rest.split(END, 1)[1]
+def seed_block(results):
+    """The seed report's table 1 as it printed it (rows: depth; columns: epochs), ours beside theirs."""
+    lines = ["| test error (%), ours / seed report | 20 epochs | 50 epochs | 100 epochs |", "|---|--:|--:|--:|"]
+    hw = set()
+    for depth, published in SEED.items():
+        cells = []
+        for (epochs, folder), theirs, secs in zip(SEED_DIRS.items(), published, SEED_SECONDS.get(depth, (None,) * 3)):
+            run = Path(results) / folder / f"resnet{depth}"
+            ev = read_report(run / "eval.json") if (run / "eval.json").is_file() else None
+            if ev is not None and read_object(run / "config.json").get("epochs") != epochs:
+                raise ValueError(f"{run}/config.json: not a {epochs}-epoch run")
+            hw |= {hardware(ev)} if ev else set()
+            ours = pct(1 - ev["top1"]) if ev else "–"
+            t_ours = f"{ev['train_seconds'] / 60:.1f}" if ev and ev.get("train_seconds") else "–"
+            t = f" ({t_ours} / {secs / 60:.1f} min)" if secs else f" ({t_ours} min)" if ev else ""
+            cells.append(f"{ours} / {theirs:.2f}{t}")
+        lines.append(f"| ResNet-{depth} | " + " | ".join(cells) + " |")
+    note = (f"Ours: CIFAR-10 (the JPEG copy), {', '.join(sorted(hw)) or 'not yet run'}, the ResNet paper's recipe "
+            "with lr / 10 at 50% and 75% of the epochs; theirs: the seed report's table 1. In parentheses the "
+            "training time, ours / theirs (theirs given for ResNet-20 only, on their GPU). \"–\": not yet run. "
+            "Written from results/ by studies/report.py.")
+    return "\n".join(lines) + "\n\n" + textwrap.fill(note, 95) + "\n"
+
+
+def degradation(results):
+    """results/cifar_resnet_depth/degradation.png: training (dashed) and test error per epoch, one line
+    per depth, plain | ResNet (the ResNet paper's figure 6 on this budget); None without runs."""
+    from matplotlib.figure import Figure
+    study = Path(results) / "cifar_resnet_depth"
+    runs = {(kind, d): read_history(study / f"{kind}{d}") for kind in ("plain", "resnet") for d in DEPTHS
+            if (study / f"{kind}{d}" / "metrics.csv").is_file()}
+    if not runs:
+        return None
+    fig = Figure(figsize=(11, 4.2), dpi=100)
+    axes = dict(zip(("plain", "resnet"), fig.subplots(1, 2, sharey=True)))
+    for (kind, d), rows in runs.items():
+        color = f"C{DEPTHS.index(d)}"
+        ep = [r["epoch"] for r in rows]
+        axes[kind].plot(ep, [100 * (1 - r["train_acc"]) for r in rows], "--", color=color, linewidth=1)
+        axes[kind].plot(ep, [100 * (1 - r["test_top1"]) for r in rows], "-", color=color, label=f"{kind}-{d}")
+    for kind, ax in axes.items():
+        ax.set(xlabel="epoch", title=f"{'plain' if kind == 'plain' else 'ResNet'} (dashed: training, "
+               "bold: test)", ylim=(0, None))
+        ax.grid(alpha=0.3)
+        ax.legend()
+    axes["plain"].set_ylabel("error (%)")
+    fig.tight_layout()
+    path = study / "degradation.png"
+    save_figure(fig, path)
+    return path
+
+
+def replace_block(text, new, begin=BEGIN, end=END):
+    """README text with the part between `begin` and `end` replaced by `new`."""
+    if text.count(begin) != 1 or text.count(end) != 1 or text.index(begin) > text.index(end):
+        raise ValueError(f"README needs one {begin} line followed by one {end} line")
+    head, rest = text.split(begin)
+    return head + begin + "\n" + new + end + rest.split(end, 1)[1]
 
 
 def compare(study_dir):
@@ -205,18 +264,23 @@ def main(args):
         for d in args.compare:
             compare(d)
         return 0
-    new = block(args.results)
+    new, seeds = block(args.results), seed_block(args.results)
     if not (args.write or args.check):
-        print(new, end="")
+        print(new + "\n" + seeds, end="")
         return 0
     readme = Path(args.readme)
     text = readme.read_text()
     updated = replace_block(text, new)
+    if SEED_BEGIN in text:
+        updated = replace_block(updated, seeds, SEED_BEGIN, SEED_END)
     if args.check and updated != text:
         print(f"error: {readme}'s results block differs from {args.results}; run "
               "python studies/report.py --write", file=sys.stderr)
         return 1
     if args.write:
+        figure = degradation(args.results)
+        if figure:
+            print(f"wrote {figure}")
         if updated != text:
             write_text(readme, updated)
         print(f"wrote the results block of {readme}" if updated != text else f"{readme} is up to date")
