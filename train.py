@@ -98,8 +98,7 @@ def get_args_parser(argument_default=None):
     g.add_argument("--residual", nargs="?", const="identity", choices=("identity", "projection"),
                    help="GoogLeNet shortcuts (no value: identity)")
     g.add_argument("--aux-logits", action="store_true", help="GoogLeNet auxiliary heads (loss weight 0.3)")
-    g.add_argument("--inception-kernel", type=int, choices=(3, 5),
-                   help="GoogLeNet (5: paper's, 3: torchvision's)")
+    g.add_argument("--inception-kernel", type=int, choices=(3, 5), help="GoogLeNet: 5 paper, 3 torchvision")
     g.add_argument("--stem", choices=("auto", "cifar", "imagenet"), help="auto: CIFAR stem up to 64 px")
     g.add_argument("--head", choices=("auto", "compact", "paper"), help="VGG head")
     g.add_argument("--dropout", type=fraction, help="dropout before the classifier")
@@ -135,9 +134,8 @@ def get_args_parser(argument_default=None):
     g = p.add_argument_group("speed and runtime (docs/training.md: the auto rules)")
     g.add_argument("--amp", choices=("auto", "off", "bf16", "fp16"),
                    help="autocast dtype of training; auto: bf16 on GPUs and CPUs that have it natively")
-    g.add_argument("--compile", nargs="?", const="on", choices=SWITCH,
-                   help="torch.compile (no value: on); auto: on CUDA, on the CPU for runs of "
-                        f">= {runtime.COMPILE_MIN_STEPS_CPU} steps")
+    g.add_argument("--compile", nargs="?", const="on", choices=SWITCH, help="torch.compile (no value: on); "
+                   f"auto: on CUDA, on the CPU for runs of >= {runtime.COMPILE_MIN_STEPS_CPU} steps")
     g.add_argument("--compile-mode", help="torch.compile mode",
                    choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"))
     g.add_argument("--channels-last", nargs="?", const="on", choices=SWITCH, help="NHWC (no value: on)")
@@ -430,8 +428,7 @@ def build_run(a, d, device, rank, world, resume_ck):
               workers=a.workers)
     loaders = {"train": data.make_loader(d.train, batch_size=a.batch_size // world, train=True, rank=rank,
                                          augment=a.augment, cutout=a.cutout, world_size=world, **kw)}
-    for split in ("val", "test"):
-        s = getattr(d, split)
+    for split, s in (("val", d.val), ("test", d.test)):
         loaders[split] = s and data.make_loader(s, batch_size=max(256, a.batch_size), train=False, **kw)
     model = model.to(device, memory_format=torch.channels_last if speed["channels_last"] else None)
     optimizer = build_optimizer(model, device, optimizer=a.optimizer, lr=a.lr, weight_decay=a.weight_decay,
@@ -460,15 +457,15 @@ def build_run(a, d, device, rank, world, resume_ck):
 
 
 def restore_state(ck, path, optimizer, schedule, scaler, ema, device):
-    """The rest of a resumed run's state; a part that does not fit is one CheckpointError line. The
-    CUDA RNG state is this process's device's own (the only one its kernels used)."""
-    cuda = ck["rng"].get("cuda") if device.type == "cuda" else None
+    """The rest of a resumed run's state (one CheckpointError line for a part that does not fit); the
+    CUDA RNG state is the process's own device's, the only one its kernels used."""
     for part, load, state in (("optimizer", optimizer.load_state_dict, ck["optimizer"]),
                               ("scheduler", schedule.load_state_dict, ck["scheduler"]),
                               ("scaler", scaler.load_state_dict, ck["scaler"]),
                               ("ema", ema and ema.module.load_state_dict, ck["ema"]),
                               ("rng", torch.set_rng_state, ck["rng"]["torch"]),
-                              ("cuda rng", lambda s: torch.cuda.set_rng_state(s, device), cuda)):
+                              ("cuda rng", lambda s: torch.cuda.set_rng_state(s, device),
+                               ck["rng"].get("cuda") if device.type == "cuda" else None)):
         try:
             if load and state is not None:
                 load(state)
@@ -478,8 +475,7 @@ def restore_state(ck, path, optimizer, schedule, scaler, ema, device):
 
 
 def open_run_dir(run, out, resume_ck):
-    """Lock the run dir (returns the lock), refuse one holding another run, repair best.pt on a
-    resume, write config.json and print the run's header."""
+    """Lock the run dir (returned), refuse one holding another run, repair best.pt, write config.json."""
     a, d = run["a"], run["d"]
     out.mkdir(parents=True, exist_ok=True)
     lock = checkpoint.lock_run_dir(out)  # held until the run ends: one train.py per run dir
@@ -487,16 +483,15 @@ def open_run_dir(run, out, resume_ck):
         checkpoint.claim_run_dir(out, a.resume)
         if resume_ck:
             checkpoint.repair_best(out, resume_ck, a.resume)
-        if run["start_epoch"] >= a.epochs:
+        if run["start_epoch"] >= a.epochs:  # after the repair: a finished run gets its best.pt back too
             raise ValueError(f"{a.resume} already finished {run['start_epoch']} epochs; pass --epochs N with "
                              f"N > {run['start_epoch']} to train further")
         speed = {**run["speed"], "amp": str(run["speed"]["amp"]), "eval_amp": str(run["speed"]["eval_amp"])}
-        config = {**vars(a), "model_options": run["opts"],
-                  "num_classes": d.num_classes, "in_channels": d.in_channels, "image_size": d.image_size,
-                  "classes": list(map(str, d.classes)), "mean": list(d.mean), "std": list(d.std),
-                  "init": run["init"], "device": str(run["device"]), "world_size": run["world"],
-                  "amp_dtype": speed["amp"], "torch": torch.__version__, "speed": speed,
-                  "train_samples": len(d.train), "val_samples": len(d.val or []), "test_samples": len(d.test)}
+        config = dict(vars(a), model_options=run["opts"], num_classes=d.num_classes, image_size=d.image_size,
+                      in_channels=d.in_channels, classes=list(map(str, d.classes)), mean=list(d.mean),
+                      std=list(d.std), init=run["init"], device=str(run["device"]), world_size=run["world"],
+                      amp_dtype=speed["amp"], torch=torch.__version__, speed=speed, test_samples=len(d.test),
+                      train_samples=len(d.train), val_samples=len(d.val or []))
         runtime.write_text(out / "config.json", json.dumps(config, indent=2))
     except BaseException:
         lock.close()
@@ -588,9 +583,8 @@ def finish(run, out, session_seconds):
 
 
 def main(a):
-    """One training run from parse_args()'s settings. What a user can fix is raised as a one-line
-    ValueError/OSError (CheckpointError, DataError, Diverged); Ctrl-C as KeyboardInterrupt with
-    the resume command."""
+    """One run from parse_args()'s settings; what a user can fix is a one-line ValueError / OSError,
+    Ctrl-C a KeyboardInterrupt saying how to resume."""
     check_args(a)
     resume_ck = None
     if a.resume:
@@ -609,14 +603,12 @@ def main(a):
     out = Path(a.out or os.path.join("runs", f"{a.dataset}-{a.model}-{time.strftime('%Y%m%d-%H%M%S')}"))
     lock, writer, epoch = None, None, run["start_epoch"]
     try:
-        if rank == 0:
+        if rank == 0:  # (a finished run: rank 0 refuses it, the others have no epoch left)
             lock = open_run_dir(run, out, resume_ck)
             resume_ck = None  # its state lives in the run now
             if a.tensorboard:
                 from torch.utils.tensorboard import SummaryWriter
                 writer = SummaryWriter(str(out / "tb"))
-        elif run["start_epoch"] >= a.epochs:
-            raise ValueError(f"{a.resume} already finished {run['start_epoch']} epochs")
         wall0 = time.perf_counter()
         for epoch in range(run["start_epoch"], a.epochs):
             progress = None
