@@ -462,5 +462,30 @@ def test_readme_table_is_what_results_holds():
     text = (REPO / "README.md").read_text()
     assert report.replace_block(text, report.block(REPO / "results")) == text, \
         "README's results block is stale: python studies/report.py --write"
+    assert report.replace_block(text, report.seed_block(REPO / "results"), report.SEED_BEGIN, report.SEED_END) \
+        == text, "README's seed table is stale: python studies/report.py --write"
     missing, _ = ours_numbers_not_in_results(text, REPO / "results")
     assert missing == [], f"README numbers not in results/: {missing}"
+
+
+def test_seed_table_puts_ours_beside_the_seed_reports(tmp_path):
+    """The seed report's table 1 as it printed it (rows: depth; columns: 20/50/100 epochs), ours
+    beside theirs, our training time beside theirs; "–" where no run exists; figure from metrics.csv."""
+    results = tmp_path / "results"
+    write_results(results, {"resnet20": 0.8412, "resnet32": 0.85}, study="cifar_resnet_depth", epochs=20)
+    write_results(results, {"resnet20": 0.9}, study="cifar_resnet_depth_50ep", epochs=50)
+    ev = results / "cifar_resnet_depth" / "resnet20" / "eval.json"
+    ev.write_text(json.dumps({**json.loads(ev.read_text()), "train_seconds": 2664.0}))
+    rows = [ln.split("|")[1:-1] for ln in report.seed_block(results).splitlines() if ln.startswith("| ResNet")]
+    assert [c.strip() for c in rows[0]] == ["ResNet-20", "15.88 / 19.33 (44.4 / 14.0 min)",
+                                            "10.00 / 17.78 (– / 34.6 min)", "– / 10.04 (– / 68.5 min)"]
+    assert [c.strip() for c in rows[1]] == ["ResNet-32", "15.00 / 19.85 (– min)", "– / 14.00", "– / 9.36"]
+    assert [c.strip() for c in rows[2]][1:] == ["– / 18.56", "– / 16.26", "– / 9.66"]
+    with pytest.raises(ValueError, match="not a 50-epoch run"):  # a run in the wrong folder
+        write_results(results, {"resnet32": 0.9}, study="cifar_resnet_depth_50ep", epochs=20)
+        report.seed_block(results)
+    d = results / "cifar_resnet_depth" / "plain20"
+    d.mkdir()
+    compare.write_metrics([{"epoch": 1, "train_acc": 0.5, "test_top1": 0.4},
+                           {"epoch": 2, "train_acc": 0.6, "test_top1": 0.55}], d / "metrics.csv")
+    assert report.degradation(results).is_file()
