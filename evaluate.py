@@ -6,11 +6,7 @@
 Per checkpoint, eval.json, confusion_matrix.csv/.png, misclassified.png and summary.txt go to --out for
 one checkpoint, --out/<run dir> for several (<run dir>-<stem> when run dirs repeat), else the checkpoint's
 folder (eval-<stem>/ in it when checkpoints share it); compare.py compares several in --out or their common
-folder. The test data is the checkpoint's (--dataset / --data-dir override it).
-
-Metrics: top-1 = argmax, ties to the lowest class index; top-k: the target's rank (larger logits + tied
-ones of a lower index) < k, k clipped to the class count; a row with a NaN or inf logit is a miss, class -1.
-Precision of a never-predicted class = 0.0; recall, F1 of a class absent from the labels = None, not averaged.
+folder. The test data is the checkpoint's (--dataset / --data-dir override it); details: docs/training.md.
 """
 import argparse
 import json
@@ -47,8 +43,9 @@ def confusion_matrix(preds, targets, num_classes):
 
 
 def per_class_metrics(cm, classes, support=None):
-    """Precision/recall/F1/support per class and macro averages (conventions: module docstring).
-    support: samples per true class, when some have no column in cm; default: cm's row sums."""
+    """Precision/recall/F1/support per class and macro averages: precision 0.0 for a class never predicted,
+    recall and F1 None (not averaged) for one absent from the labels. support: samples per true class, when
+    some have no column in cm; default: cm's row sums."""
     cm = torch.as_tensor(cm).long().cpu()
     tp, predicted = cm.diag().tolist(), cm.sum(0).tolist()
     support = cm.sum(1).tolist() if support is None else torch.as_tensor(support).long().tolist()

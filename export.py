@@ -278,9 +278,8 @@ def calibration_batches(ck, args, data):
 
 
 def quantize_int8(onnx_path, int8_path, batches, calibration):
-    """onnxruntime's static quantization: QDQ, per-channel int8 weights, uint8 activations (the pair x86 CPUs
-    run fastest: VPMADDUBSW / VNNI), min/max ranges from `batches`, the fp32 file's metadata + precision and
-    calibration. CPU only: TensorRT refuses uint8 activations with zero points, and CUDA runs it as fp32."""
+    """Static QDQ quantization: per-channel int8 weights, uint8 activations (x86's fastest pair: VNNI), ranges
+    from `batches`, the fp32 metadata + precision, calibration. CPU only (TensorRT refuses it, CUDA: fp32)."""
     import onnx
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -349,17 +348,16 @@ def benchmark(model, info, onnx_path, aoti_path, args, device, provider, threads
                 build("aotinductor", lambda: torch._inductor.aoti_load_package(str(aoti_path)))
             # On the GPU one session per shape: CUDA graphs and TensorRT profiles want fixed shapes.
             fixed = tuple(x.shape) if provider != "cpu" else None
-            for name, path in onnx_files.items():
-                make = lambda shape: lambda: OrtRunner(  # noqa: E731
+            for name, path in ((n, p) for n, p in onnx_files.items() if p is not None):
+                make = lambda shape=None: OrtRunner(  # noqa: E731
                     ort_session(path, provider, threads=threads, batch_shape=shape), graphs=shape is not None)
                 try:
-                    if path is not None:
-                        build(name, make(fixed))
+                    build(name, lambda: make(fixed))
                 except Exception as e:  # e.g. shape nodes placed on the CPU, which CUDA graph capture refuses
                     if fixed is None:
                         raise
                     print(f"note: {name} with CUDA graphs failed ({one_line(e, 150)}); timing without")
-                    build(name, make(None))
+                    build(name, make)
             for fn in runners.values():
                 for _ in range(args.warmup):
                     fn(x)
@@ -456,8 +454,7 @@ def main(args):
     paths = output_paths(args)
     for p in paths.values():
         p.parent.mkdir(parents=True, exist_ok=True)
-    provider = pick_provider(args.provider, device)
-    threads = args.threads or torch.get_num_threads()
+    provider, threads = pick_provider(args.provider, device), args.threads or torch.get_num_threads()
     if device.type == "cpu":
         torch.set_num_threads(threads)  # the same count as onnxruntime's intra-op pool
     batch_note = "dynamic batch" if args.dynamic_batch else "batch 1"
