@@ -250,8 +250,7 @@ def evaluate_checkpoint(path, out, args, device):
     model = model.to(device, memory_format=torch.channels_last if cl else torch.preserve_format)
     amp = pick_amp(args.amp, device)[0]
     loader = make_loader(split, mean=ck["mean"] or data.mean, std=ck["std"] or data.std,  # the training's
-                         batch_size=args.batch_size, train=False, device=device, channels_last=cl,
-                         image_size=ck["image_size"])
+                         batch_size=args.batch_size, train=False, device=device, channels_last=cl)
     res = evaluate(model, loader, ck["num_classes"], amp_dtype=amp, keep_predictions=True)
     tta = evaluate(model, loader, ck["num_classes"], amp_dtype=amp, tta=True) if args.tta else None
     bad = max(res["nonfinite_outputs"], tta["nonfinite_outputs"] if tta else 0)

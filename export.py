@@ -204,9 +204,8 @@ def load_data_of(ck, args, **limits):
 
 def normalized_batches(split, ck, batch_size):
     """float32 numpy batches (x, labels) of a split, normalized exactly as training normalizes."""
-    return ((x.numpy(), y.numpy()) for x, y in make_loader(  # a CPU loader
-        split, mean=ck["mean"], std=ck["std"], batch_size=batch_size, train=False, workers=0,
-        image_size=ck["image_size"]))
+    loader = make_loader(split, mean=ck["mean"], std=ck["std"], batch_size=batch_size, train=False, workers=0)
+    return ((x.numpy(), y.numpy()) for x, y in loader)  # a CPU loader: checkpoint_data made ck's image size
 
 
 @contextlib.contextmanager
