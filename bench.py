@@ -6,18 +6,16 @@
     python bench.py --models resnet20 --dataset synthetic --steps 4 --warmup 1 --device cpu
     python bench.py --loader-only --dataset folder --data-dir /tmp/cifar10-jpeg   # the data pipelines alone
 
-Configurations (--configs), each through train.py's train_one_epoch: eager (fp32), channels_last,
-bf16, compile, threads (--threads auto), auto (what a run of --auto-steps picks), auto_no_compile,
-classic (kuangliu/pytorch-cifar: PIL transforms in a Dataset, DataLoader with workers). They take
-turns for --rounds rounds, so that load from other jobs hits all alike (docs/performance.md).
-On CUDA every configuration runs with TF32 and cudnn.benchmark on: rows say tf32, not fp32.
+Configurations (--configs), each through train.py's train_one_epoch: eager (fp32), channels_last, bf16,
+compile, threads (--threads auto), auto (what a run of --auto-steps picks), auto_no_compile, classic
+(kuangliu/pytorch-cifar: PIL transforms in a Dataset, DataLoader workers). They take turns, --rounds times,
+so that load from other jobs hits all alike. On CUDA all run with TF32 and cudnn.benchmark (rows say tf32).
 """
 import argparse
 import copy
 import itertools
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -67,19 +65,6 @@ def get_args_parser():
     return p
 
 
-class Steps:
-    """The next n batches of an endless batch stream (train_one_epoch needs len())."""
-
-    def __init__(self, stream, n):
-        self.stream, self.n = stream, n
-
-    def __len__(self):
-        return self.n
-
-    def __iter__(self):
-        return (next(self.stream) for _ in range(self.n))
-
-
 def endless(loader, device):
     """Batches on the device, epoch after epoch (the classic loop's host batches copied as it does)."""
     for epoch in itertools.count():
@@ -110,12 +95,10 @@ class PILDataset(torch.utils.data.Dataset):
 
 
 def classic_loader(d, batch_size, workers, device):
-    """kuangliu/pytorch-cifar's pipeline: PIL RandomCrop + flip + ToTensor + Normalize in a Dataset,
-    shuffled by a DataLoader with workers (host tensors out)."""
+    """kuangliu/pytorch-cifar's: PIL crop, flip, ToTensor, Normalize in a Dataset; a DataLoader's workers."""
     import torchvision.transforms as T
-    size = d.train.images.shape[-1]
-    transform = T.Compose([T.RandomCrop(size, padding=data.crop_padding(size)), T.RandomHorizontalFlip(),
-                           T.ToTensor(), T.Normalize(d.mean, d.std)])
+    transform = T.Compose([T.RandomCrop(d.image_size, padding=data.crop_padding(d.image_size)),
+                           T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(d.mean, d.std)])
     return torch.utils.data.DataLoader(PILDataset(d.train, transform), batch_size=batch_size, shuffle=True,
                                        num_workers=workers, drop_last=True, persistent_workers=workers > 0,
                                        pin_memory=device.type == "cuda")
@@ -136,10 +119,7 @@ def loader_benchmark(args, device, d):
         synchronize(device)
         speed.append(n / (time.perf_counter() - t0))
     fast, slow = speed
-    print(f"{args.dataset}: {len(d.train)} train images {d.in_channels}x{d.image_size}x{d.image_size}, "
-          f"batch {args.batch_size}, {args.batches} batches, standard augmentation: tensor path (uint8 on "
-          f"{device.type}, batched) {fast:,.0f} images/s, Dataset + PIL transforms + DataLoader("
-          f"{args.classic_workers} workers) {slow:,.0f} images/s: {fast / slow:.1f}x")
+    print(f"images/s: tensor path {fast:,.0f}, Dataset + PIL + DataLoader {slow:,.0f} ({fast / slow:.1f}x)")
     result = {"dataset": args.dataset, "device": str(device), "cpu": runtime.cpu_name(),
               "cpu_flags": runtime.cpu_flags(), "torch": torch.__version__, "batch_size": args.batch_size,
               "batches": args.batches, "workers": args.classic_workers,
@@ -150,9 +130,8 @@ def loader_benchmark(args, device, d):
 
 
 class PeakMemory:
-    """CUDA memory of one configuration as if it ran alone (row field peak_memory_gib): what it holds
-    (allocated while it was built or left by its steps) plus the peak of its steps above what was
-    allocated as they began; the other configurations' copies, alive to take turns, are not counted."""
+    """CUDA memory of one configuration as if it ran alone (peak_memory_gib): what it holds (built or left
+    by its steps) plus its steps' peak above what they began with; the other configurations' not counted."""
 
     def __init__(self, device):
         self.cuda, self.device, self.held, self.peak = device.type == "cuda", device, 0, 0
@@ -181,8 +160,7 @@ class Trainer:
         self.memory = PeakMemory(device)
         self.memory.start()  # what building it allocates is its own
         self.name, self.device, self.speed = name, device, speed
-        self.threads = speed["threads"] if device.type == "cpu" else default_threads
-        torch.set_num_threads(self.threads)
+        self.threads = speed["threads"] if device.type == "cpu" else default_threads  # set in run()
         mem = torch.channels_last if speed["channels_last"] else torch.contiguous_format
         model = copy.deepcopy(base_model).to(device, memory_format=mem)
         self.net = torch.compile(model, mode=args.compile_mode) if speed["compile"] else model
@@ -198,17 +176,23 @@ class Trainer:
         self.precision = precision(speed["amp"], device)
         self.what = f"PIL + DataLoader {args.classic_workers} workers, {self.precision} eager" if classic \
             else " + ".join([self.precision] + [k for k in ("channels_last", "compile") if speed[k]])
-        self.wall, self.cpu, self.images, self.rounds = 0.0, 0.0, 0, []
+        self.wall, self.cpu, self.images, self.rounds, self.steps = 0.0, 0.0, 0, [], 0
         self.memory.stop()
+
+    def __len__(self):  # the trainer is train_one_epoch's loader: the stream's next `steps` batches
+        return self.steps
+
+    def __iter__(self):
+        return (next(self.stream) for _ in range(self.steps))
 
     def run(self, n, timed=True):
         """n training steps (the device done at the end) -> seconds; timed ones add to the totals."""
         torch.set_num_threads(self.threads)
-        w0, c0 = time.perf_counter(), time.process_time()
+        w0, c0, self.steps = time.perf_counter(), time.process_time(), n
         self.memory.start()
-        _, _, seen = train.train_one_epoch(self.net, Steps(self.stream, n), self.optimizer, self.schedule,
-                                           self.scaler, torch.nn.CrossEntropyLoss(), epoch=0,
-                                           device=self.device, amp_dtype=self.speed["amp"])
+        _, _, seen = train.train_one_epoch(self.net, self, self.optimizer, self.schedule, self.scaler,
+                                           torch.nn.CrossEntropyLoss(), epoch=0, device=self.device,
+                                           amp_dtype=self.speed["amp"])
         synchronize(self.device)
         self.memory.stop()
         wall, cpu = time.perf_counter() - w0, time.process_time() - c0
@@ -244,13 +228,12 @@ def main(args):
     classic_models = args.models[:1] if args.classic_models is None else args.classic_models
     meta = {"device": device_name(device), "cpu": runtime.cpu_name(), "cpu_flags": runtime.cpu_flags(),
             "cpu_count": runtime.cpu_count(), "default_threads": default_threads,
-            "torch": torch.__version__, "python": platform.python_version(), "dataset": args.dataset,
+            "torch": torch.__version__, "python": sys.version.split()[0], "dataset": args.dataset,
             "image_size": d.image_size, "batch_size": args.batch_size, "steps": args.steps,
             "rounds": args.rounds, "warmup": args.warmup, "auto_steps": args.auto_steps, "side_models": side,
             "auto": runtime.describe_speed(table["auto"]), "command": "python " + " ".join(sys.argv)}
-    where = meta["cpu"] if device.type == "cpu" else meta["device"]
-    print(f"{where}; {' '.join(meta['cpu_flags'])}; torch {meta['torch']}; "
-          f"auto for a {args.auto_steps}-step run: {meta['auto']}", flush=True)
+    print(f"{meta['cpu'] if device.type == 'cpu' else meta['device']}; {' '.join(meta['cpu_flags'])}; "
+          f"torch {meta['torch']}; auto for a {args.auto_steps}-step run: {meta['auto']}", flush=True)
     rows, loads = [], []
     for name in args.models + side:
         torch.manual_seed(0)
@@ -281,17 +264,12 @@ def main(args):
                              forward_macs=macs, peak_memory_gib=round(gib, 3) if kind == "cuda" else None))
         del trainers, base
         torch._dynamo.reset()  # the next model starts with empty compile caches
-    meta["load_average_per_round"] = loads
-    low, high = meta["load_average_1min_range"] = [min(v[0] for v in loads), max(v[0] for v in loads)]
-    print(f"\n{where}, {meta['cpu_count']} CPUs, {args.dataset} {d.image_size}px: {args.steps} timed steps "
-          f"per configuration in {args.rounds} rounds after {args.warmup} warm-up, load average {low}-{high}")
-    print("| model | config | what | threads | batch | images/s | vs eager | GFLOP/s | images/CPU-s | "
-          "warm-up s |\n|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("\n| model | config | what | images/s | vs eager |\n|---|---|---|---:|---:|")
     for r in rows:
-        print(f"| {r['model']} | {r['config']} | {r['what']} | {r['threads']} | {r['batch_size']} | "
-              f"{r['images_per_second']:,.0f} | {'-' if r['vs_eager'] is None else r['vs_eager']} | "
-              f"{r['gflops']} | {r['images_per_cpu_second'] or '-'} | {r['warmup_seconds']} |")
-    return write_json({**meta, "rows": rows}, args.out)
+        print(f"| {r['model']} | {r['config']} | {r['what']} | {r['images_per_second']:,.0f} | "
+              f"{'-' if r['vs_eager'] is None else r['vs_eager']} |")
+    return write_json({**meta, "load_average_per_round": loads, "load_average_1min_range": [
+        min(v[0] for v in loads), max(v[0] for v in loads)], "rows": rows}, args.out)
 
 
 def cli(argv=None):

@@ -3,8 +3,7 @@
     python evaluate.py runs/depth-*/best.pt --out results/depth    # evaluates, then compares here
     python studies/report.py --compare results/depth_vs_lr          # again, from the runs' files alone
 
-A run is a dict: label ("<run dir>/<checkpoint>"), report (eval.json), config (config.json), history
-(metrics.csv rows), from evaluate.py (a checkpoint) or load_run_dirs (a run folder; malformed: a warning).
+A run: {label "<run dir>/<checkpoint>", report (eval.json), config (config.json), history (metrics.csv)}.
 """
 import csv
 import json
@@ -12,13 +11,11 @@ import math
 import re
 import statistics
 import sys
-from numbers import Real
 from pathlib import Path
 
 from runtime import one_line, replacing, write_text
 
-# Keys of a run's args (and config.json) that say how or where it ran, not what it trained. Runs equal in
-# all else (model, options, data, recipe, epochs, amp...) but the seed make one group: mean +- std over them.
+# Args (config.json keys) on how or where a run ran: runs equal in all else but the seed make one group.
 RUNTIME_KEYS = ("seed", "out", "resume", "device", "workers", "data_dir", "compile", "compile_mode",
                 "tensorboard", "channels_last", "deterministic", "world_size", "torch")
 # config.json's keys computed from the others (mean/std of a seeded training subset vary by seed).
@@ -27,8 +24,7 @@ STATS = ("top1", "top5", "loss", "train_seconds")  # mean +- std per group
 COLUMNS = ("run", "n", "seeds", "model", "dataset", "params", "macs", "top1", "top1_std", "top5",
            "top5_std", "loss", "loss_std", "latency_ms_batch1", "images_per_second", "epochs",
            "train_seconds", "train_seconds_std", "checkpoint")
-RUN_COLUMNS = ("run", "group", "seed", "model", "dataset", "params", "macs", "top1", "top5", "loss",
-               "latency_ms_batch1", "images_per_second", "epochs", "train_seconds", "checkpoint")
+RUN_COLUMNS = ("run", "group", "seed", *(c for c in COLUMNS[3:] if not c.endswith("_std")))  # a row per run
 # eval.json's fields read here and by studies/report.py: numbers (null allowed but for top1), texts
 NUMBERS = STATS + ("params", "macs", "latency_ms_batch1", "images_per_second")
 TEXTS = ("checkpoint", "device")
@@ -72,7 +68,7 @@ def read_report(path):
     report = read_object(path)
     for k in NUMBERS + TEXTS:
         v = report.get(k)
-        real = isinstance(v, Real) and not isinstance(v, bool) and math.isfinite(v)
+        real = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)  # JSON numbers
         ok, expected = ((v is None or isinstance(v, str), "a string") if k in TEXTS
                         else (real and 0 <= v <= 1 or k == "top5" and v is None, "a fraction in [0, 1]")
                         if k.startswith("top") else (real or v is None, "a finite number"))
@@ -162,17 +158,14 @@ def mean_std(values):
 
 def group_label(labels, seeds):
     """'mnist-vgg16-lr0.1-seed{0,1,2}/best.pt' when the run dirs are NAME-seed<S>, else 'a + b'."""
-    if len(labels) == 1:
-        return labels[0]
     parts = [re.fullmatch(r"(.+)-seed\d+(/[^/]*)", label) for label in labels]
-    if all(parts) and len({(p[1], p[2]) for p in parts}) == 1:
+    if len(parts) > 1 and all(parts) and len({(p[1], p[2]) for p in parts}) == 1:
         return f"{parts[0][1]}-seed{{{','.join(map(str, seeds))}}}{parts[0][2]}"
     return " + ".join(labels)
 
 
 def summarize_groups(runs):
-    """group_runs + per-group statistics: dicts with label, short (no /best.pt), legend ('<number>
-    <short> (n=<seeds>)'), runs, n, seeds, stats {key: (mean, std)}."""
+    """group_runs as dicts: label, short (no /best.pt), legend, runs, n, seeds, stats {key: (mean, std)}."""
     out = []
     for i, members in enumerate(group_runs(runs)):
         seeds = [m["config"].get("seed") for m in members]
@@ -212,8 +205,7 @@ def _finish(axes, n, title, path):
     """One legend (n groups) for all panels, right of them (outside the axes); saved when a path is given."""
     fig = axes[0].figure
     fig.tight_layout()
-    handles = list(axes[0].get_lines())
-    if handles:
+    if handles := list(axes[0].get_lines()):
         fig.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 0.98), frameon=False, title=title,
                    title_fontsize=8, fontsize=8 if n <= 12 else 7, ncols=1 if n <= 24 else 2)
     if path is not None:
@@ -282,9 +274,9 @@ def plot_tradeoff(groups, path=None):
 
 
 def comparison(runs, out_dir):
-    """comparison.csv / .md (a row per configuration, seeds pooled), comparison_runs.csv / .md (a row per
-    run), curves.png and tradeoff.png (comparison_*.png in a run's own folder, whose curves.png is
-    train.py's); a group's unequal cells ';'-joined. Returns (comparison.md's text, the figures' names)."""
+    """comparison.csv/.md (a row per configuration), comparison_runs.csv/.md (per run), curves.png and
+    tradeoff.png (comparison_*.png in a run's own folder: curves.png is train.py's); a group's unequal cells
+    ';'-joined. Returns (comparison.md's text, the figures' names)."""
     groups, out_dir = summarize_groups(runs), Path(out_dir)
     same = lambda vs: vs[0] if len(set(map(str, vs))) == 1 else ";".join(map(str, vs))  # noqa: E731
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -3,15 +3,10 @@
     python evaluate.py runs/cifar10-resnet20-20250101-120000/best.pt --tta --summary
     python evaluate.py runs/depth-*/best.pt --out results/depth   # + compare.py's tables and figures
 
-The test data comes from the checkpoint alone (--dataset / --data-dir override it). Per checkpoint,
-eval.json, confusion_matrix.csv/.png, misclassified.png and summary.txt go to --out for one checkpoint,
---out/<run dir> for several (<run dir>-<stem> when run dirs repeat), else the checkpoint's folder
-(eval-<stem>/ in it when checkpoints share it); compare.py compares several in --out or their common folder.
-
-Metrics: top-1 = argmax, ties to the lowest class index; top-k: the target's rank (larger logits + tied
-ones of a lower index) < k, k clipped to the class count. A row with a NaN or infinite logit is a miss
-predicting -1 (docs/training.md). Precision of a class never predicted = 0.0; recall and F1 of a class
-absent from the labels = None, not in the macro averages.
+Per checkpoint, eval.json, confusion_matrix.csv/.png, misclassified.png and summary.txt go to --out for
+one checkpoint, --out/<run dir> for several (<run dir>-<stem> when run dirs repeat), else the checkpoint's
+folder (eval-<stem>/ in it when checkpoints share it); compare.py compares several in --out or their common
+folder. The test data is the checkpoint's (--dataset / --data-dir override it); details: docs/training.md.
 """
 import argparse
 import json
@@ -41,16 +36,16 @@ def target_rank(logits, targets):
 
 
 def confusion_matrix(preds, targets, num_classes):
-    """C x C int64 counts on the device, rows true, columns predicted; a prediction of -1 in no column.
-    1-D scatter_add_, not bincount: CUDA bincount reads its max back to the host (a sync per batch),
-    and 1-D scatter_add_ is deterministic under torch's deterministic mode."""
+    """C x C int64 counts on the device, rows true, columns predicted, -1 in none. 1-D scatter_add_, not
+    bincount: CUDA bincount syncs to read its max; 1-D scatter_add_ is deterministic in deterministic mode."""
     flat = targets.long() * num_classes + preds.long().clamp(min=0)
     return flat.new_zeros(num_classes ** 2).scatter_add_(0, flat, (preds >= 0).long()).view(num_classes, -1)
 
 
 def per_class_metrics(cm, classes, support=None):
-    """Precision/recall/F1/support per class and macro averages (conventions: module docstring).
-    support: samples per true class, when some have no column in cm; default: cm's row sums."""
+    """Precision/recall/F1/support per class and macro averages: precision 0.0 for a class never predicted,
+    recall and F1 None (not averaged) for one absent from the labels. support: samples per true class, when
+    some have no column in cm; default: cm's row sums."""
     cm = torch.as_tensor(cm).long().cpu()
     tp, predicted = cm.diag().tolist(), cm.sum(0).tolist()
     support = cm.sum(1).tolist() if support is None else torch.as_tensor(support).long().tolist()
@@ -61,17 +56,16 @@ def per_class_metrics(cm, classes, support=None):
         f1 = None if r is None else (2 * p * r / (p + r) if p + r else 0.0)
         rows.append({"class": name, "precision": p, "recall": r, "f1": f1, "support": support[c]})
     present = [row for row in rows if row["support"] > 0]
-    macro = {key: (sum(row[key] for row in present) / len(present) if present else None)
-             for key in ("precision", "recall", "f1")}
-    return {"per_class": rows, "macro": macro}
+    return {"per_class": rows, "macro": {k: sum(row[k] for row in present) / len(present) if present else None
+                                         for k in ("precision", "recall", "f1")}}
 
 
 def forward(model, x, amp_dtype=None, tta=False):
-    """Float32 logits N x C; with tta, log of the mean softmax over x and its horizontal flip."""
+    """Float32 logits N x C; with tta, log of the mean softmax over x and its horizontal flip (whose argmax
+    and cross-entropy are those of the averaged softmax)."""
     with torch.autocast(x.device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
         outs = [model(v) for v in ((x, x.flip(-1)) if tta else (x,))]
     outs = [(o[0] if isinstance(o, (tuple, list)) else o).float() for o in outs]  # aux heads dropped
-    # with tta: log-probs, whose argmax / cross-entropy are those of the averaged softmax
     return torch.logsumexp(torch.stack([o.log_softmax(1) for o in outs]), 0) - math.log(2) if tta else outs[0]
 
 
@@ -152,9 +146,8 @@ def model_summary(model, input_shape, name=""):
     rule, missing = "-" * (sum(widths) + 6), params - sum(r[3] for r in rows)
     text = [f"{name} (input {' x '.join(map(str, input_shape))})", lines[0], rule, *lines[1:], rule,
             f"total parameters: {params:,} ({human(params)})",
-            f"forward MACs per image: {macs:,} ({human(macs)})"]
-    if missing:
-        text.append(f"parameters of modules not run in eval mode or not leaves: {missing:,}")
+            f"forward MACs per image: {macs:,} ({human(macs)})",
+            *([f"parameters of modules not run in eval mode or not leaves: {missing:,}"] if missing else [])]
     return "\n".join(text) + "\n", params, macs
 
 
@@ -238,15 +231,14 @@ def output_dirs(paths, out):
 def evaluate_checkpoint(path, out, args, device):
     """One checkpoint's metrics, files and timing; returns its run for compare.py (report: eval.json's)."""
     ck = load_checkpoint(path)
-    use_ema = bool(args.ema and ck["ema"])
-    if args.ema and not use_ema:
+    if args.ema and not ck["ema"]:
         print(f"note: {path} has no EMA weights; evaluating the model weights", file=sys.stderr)
-    model = model_from_checkpoint(ck, ema=use_ema)
+    model = model_from_checkpoint(ck, ema=args.ema)  # the model weights when there is no EMA
     shape = (ck["in_channels"], ck["image_size"], ck["image_size"])
     per_image, size = forward_bytes(model, shape), "x".join(map(str, shape))
     ensure_fits(per_image, device, f"one {size} image", "the checkpoint's image_size is too large here")
     data = checkpoint_data(ck, path, dataset=args.dataset, data_dir=args.data_dir, download=args.download)
-    split = data.val if args.split == "val" else data.test
+    split = getattr(data, args.split)  # val or test
     if split is None:
         raise ValueError(f"--split val: {path} was trained without a validation split "
                          f"(val_split={ck['args'].get('val_split') or 0}); use --split test")
@@ -258,8 +250,7 @@ def evaluate_checkpoint(path, out, args, device):
     model = model.to(device, memory_format=torch.channels_last if cl else torch.preserve_format)
     amp = pick_amp(args.amp, device)[0]
     loader = make_loader(split, mean=ck["mean"] or data.mean, std=ck["std"] or data.std,  # the training's
-                         batch_size=args.batch_size, train=False, device=device, channels_last=cl,
-                         image_size=ck["image_size"])
+                         batch_size=args.batch_size, train=False, device=device, channels_last=cl)
     res = evaluate(model, loader, ck["num_classes"], amp_dtype=amp, keep_predictions=True)
     tta = evaluate(model, loader, ck["num_classes"], amp_dtype=amp, tta=True) if args.tta else None
     bad = max(res["nonfinite_outputs"], tta["nonfinite_outputs"] if tta else 0)
@@ -271,7 +262,6 @@ def evaluate_checkpoint(path, out, args, device):
                             "timing_batch_size", "timing_repeats", "cudnn_benchmark"))
     if not args.no_timing:
         timing = benchmark(model, shape, batch_size=args.batch_size, amp_dtype=amp, channels_last=cl)
-
     out.mkdir(parents=True, exist_ok=True)
     cm = res["confusion_matrix"]
     write_csv(out / "confusion_matrix.csv", ["true \\ predicted", *classes],
@@ -292,7 +282,7 @@ def evaluate_checkpoint(path, out, args, device):
     report = {
         "checkpoint": str(path), "model": ck["model_name"], "model_options": ck["model_options"],
         "dataset": data.name, "split": args.split, "n": res["n"], "epoch": ck["epoch"],
-        "weights": "ema" if use_ema else "model", "top1": res["top1"], "top5": res["top5"],
+        "weights": "ema" if args.ema and ck["ema"] else "model", "top1": res["top1"], "top5": res["top5"],
         "loss": finite(res["loss"]), "nonfinite_outputs": res["nonfinite_outputs"],
         "tta": tta, "tta_top1": tta and tta["top1"], "tta_top5": tta and tta["top5"],
         **per_class_metrics(cm, classes, res["support"]), "confusion_matrix": cm.tolist(), "classes": classes,
@@ -305,12 +295,10 @@ def evaluate_checkpoint(path, out, args, device):
           f"{report['weights']} weights): top-1 {res['top1']:.2%}  top-5 {res['top5']:.2%}  "
           f"loss {res['loss']:.4f}" + (f"\n  flip-TTA: top-1 {tta['top1']:.2%}  top-5 {tta['top5']:.2%}"
                                         if tta else ""))
-    line = f"  params {human(params)}  MACs {human(macs)}"
-    if timing["latency_ms_batch1"] is not None:
-        line += (f"  latency b1 {timing['latency_ms_batch1']:.2f} ms (p90 "
-                 f"{timing['latency_ms_batch1_p90']:.2f})  {timing['images_per_second']:,.0f} img/s at batch "
-                 f"{args.batch_size} ({report['amp']}{', channels_last' if cl else ''})")
-    print(line + f"  [{report['device']}]")
+    print(f"  params {human(params)}  MACs {human(macs)}" + ("" if args.no_timing else
+          f"  latency b1 {timing['latency_ms_batch1']:.2f} ms (p90 {timing['latency_ms_batch1_p90']:.2f})  "
+          f"{timing['images_per_second']:,.0f} img/s at batch {args.batch_size} ({report['amp']}"
+          f"{', channels_last' if cl else ''})") + f"  [{report['device']}]")
     print(f"  wrote {out}/ eval.json confusion_matrix.csv confusion_matrix.png misclassified.png summary.txt")
     built = {k: ck[k] for k in ("model_options", "num_classes", "in_channels", "image_size", "classes")}
     return {"label": f"{Path(path).parent.name}/{Path(path).name}", "report": report,

@@ -6,11 +6,11 @@
     python export.py best.pt --device cuda --benchmark --batch-sizes 1 256 --fp16   # on a GPU
     python export.py runs/demo/best.pt --int8 --check         # + best.int8.onnx (512 training images)
 
-ONNX: input "input" N x C x H x W float32, output "logits"; metadata_props hold classes, mean,
-std, image_size, in_channels, channel order, resize rule and the model (docs/deploy.md). --int8:
-QDQ for onnxruntime's CPU provider, calibrated on training images. --check: against PyTorch on
-random and real test images, exit 1 past --tolerance. --benchmark: eager, torch.compile, the .pt2,
-onnxruntime: a table and <stem>.benchmark.json; each row says its precision, layout and TF32.
+ONNX: input "input" N x C x H x W float32, output "logits"; metadata_props hold classes, mean, std,
+image_size, in_channels, channel order, resize rule and the model (docs/deploy.md). --int8: QDQ for
+onnxruntime's CPU provider, calibrated on training images. --check: against PyTorch on random and real
+test images, exit 1 past --tolerance. --benchmark: eager, torch.compile, the .pt2, onnxruntime: a table
+and <stem>.benchmark.json; each row says its precision, layout and TF32.
 """
 import argparse
 import contextlib
@@ -105,8 +105,7 @@ def export_onnx(model, info, path, *, opset=18, dynamic_batch=True, fp16=False):
     program.model.metadata_props.update(  # str -> str: lists and dicts as JSON
         {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items() if v is not None})
     if sum(t.numel() * t.element_size() for t in module.state_dict().values()) > EXTERNAL_DATA_BYTES:
-        # Written in place: the .onnx names its <name>.onnx.data file, so a temp name renamed
-        # afterwards would point at a data file that is not there.
+        # In place: the .onnx names its <name>.onnx.data, which a renamed temp file would not find.
         program.save(path, external_data=True)
         return Path(f"{path}.data")
     with replacing(path) as tmp:
@@ -126,9 +125,8 @@ def export_aoti(model, info, path, *, device, dynamic_batch=True, fp16=False):
 
 
 def ort_session(path, provider, *, threads=None, batch_shape=None, exact=False):
-    """An InferenceSession on exactly `provider` ('tensorrt' | 'cuda' | 'cpu'), else ValueError.
-    batch_shape (N, C, H, W): the only shape it will see (CUDA graphs, a TensorRT profile). exact: CUDA
-    without TF32, for --check (TensorRT has no such option: --check gives it TF32_TOLERANCE)."""
+    """An InferenceSession on exactly `provider` ('tensorrt' | 'cuda' | 'cpu'), else ValueError. batch_shape
+    (N, C, H, W): the only shape it will see (CUDA graphs, a TensorRT profile). exact: CUDA without TF32."""
     so = ort.SessionOptions()  # all graph optimizations: onnxruntime's default
     so.log_severity_level = 3  # errors only: no per-node placement warnings
     if threads:
@@ -137,11 +135,10 @@ def ort_session(path, provider, *, threads=None, batch_shape=None, exact=False):
     cuda = {"device_id": device_id, "cudnn_conv_algo_search": "EXHAUSTIVE", "use_tf32": "0" if exact else "1"}
     trt = {"device_id": device_id}
     if batch_shape is not None:
-        shape = "input:" + "x".join(map(str, batch_shape))  # one TensorRT profile at exactly this shape
-        trt.update(trt_profile_min_shapes=shape, trt_profile_opt_shapes=shape, trt_profile_max_shapes=shape)
+        s = "input:" + "x".join(map(str, batch_shape))  # one TensorRT profile at exactly this shape
         # CUDA graphs replay one captured launch sequence: fixed shapes and fixed buffer addresses.
+        trt.update({f"trt_profile_{k}_shapes": s for k in ("min", "opt", "max")}, trt_cuda_graph_enable="1")
         cuda["enable_cuda_graph"] = "1" if provider == "cuda" else "0"
-        trt["trt_cuda_graph_enable"] = "1"
     options = {PROVIDERS["tensorrt"]: trt, PROVIDERS["cuda"]: cuda, PROVIDERS["cpu"]: {}}
     name = PROVIDERS[provider]
     if provider == "tensorrt":
@@ -158,8 +155,7 @@ def ort_session(path, provider, *, threads=None, batch_shape=None, exact=False):
 
 
 def pick_provider(name, device):
-    """auto: on a GPU TensorRT when its library loads, else CUDA (saying why on stderr; for a CPU-only
-    onnxruntime ort_session then says so in one line); CPU otherwise."""
+    """auto: TensorRT on a GPU if its library loads, else CUDA (predict.providers_for says why); else CPU."""
     if name not in ("auto", "cpu") and device.type != "cuda":
         raise ValueError(f"--provider {name} needs a CUDA device (--device cuda)")
     if name != "auto" or device.type != "cuda":
@@ -169,8 +165,7 @@ def pick_provider(name, device):
 
 class OrtRunner:
     """A session on torch tensors; on CUDA, input and output stay on the GPU (I/O binding), as PyTorch's.
-    graphs: the session replays CUDA graphs, which read the addresses bound at capture: the first input
-    buffer stays bound (and referenced), others are copied into it, another shape is refused."""
+    graphs: CUDA graphs read the addresses bound at capture: the first input stays bound, others copied in."""
 
     def __init__(self, sess, graphs=False):
         self.sess, self.graphs, self.binding, self.x = sess, graphs, None, None
@@ -196,8 +191,7 @@ class OrtRunner:
 
 
 def load_data_of(ck, args, **limits):
-    """(the checkpoint's data, None) or (None, why it is not there). Data of other classes is
-    refused (ValueError), as evaluate.py refuses it: outputs would be scored against wrong labels."""
+    """(the checkpoint's data, None) or (None, why not); other classes' data: ValueError (wrong labels)."""
     if not ck["args"].get("dataset"):
         return None, f"{args.checkpoint} does not record its dataset"
     try:
@@ -210,9 +204,8 @@ def load_data_of(ck, args, **limits):
 
 def normalized_batches(split, ck, batch_size):
     """float32 numpy batches (x, labels) of a split, normalized exactly as training normalizes."""
-    loader = make_loader(split, mean=ck["mean"], std=ck["std"], batch_size=batch_size, train=False,
-                         workers=0, image_size=ck["image_size"])
-    return ((x.numpy(), y.numpy()) for x, y in loader)  # a CPU loader
+    loader = make_loader(split, mean=ck["mean"], std=ck["std"], batch_size=batch_size, train=False, workers=0)
+    return ((x.numpy(), y.numpy()) for x, y in loader)  # a CPU loader: checkpoint_data made ck's image size
 
 
 @contextlib.contextmanager
@@ -220,8 +213,7 @@ def cuda_flags(tf32, benchmark=False):
     """TF32 (cuBLAS and cuDNN) and cuDNN's algorithm search for a block, as they were after it."""
     b = torch.backends
     saved = b.cuda.matmul.allow_tf32, b.cudnn.allow_tf32, b.cudnn.benchmark
-    b.cuda.matmul.allow_tf32 = b.cudnn.allow_tf32 = tf32
-    b.cudnn.benchmark = benchmark
+    b.cuda.matmul.allow_tf32, b.cudnn.allow_tf32, b.cudnn.benchmark = tf32, tf32, benchmark
     try:
         yield
     finally:
@@ -230,13 +222,11 @@ def cuda_flags(tf32, benchmark=False):
 
 @cuda_flags(tf32=False)  # the .pt2 (and any torch runner) in full fp32, as the CPU reference
 def check(runners, model, ck, args, device, real=None, tf32=()):
-    """Every exported artifact vs PyTorch eager fp32 on the CPU, one line each: max |diff|, also
-    relative to the logit scale (max |logit|), and top-1 agreement. ValueError past tolerance.
-    tf32: names of runners that cannot turn TF32 off (TensorRT): they get TF32_TOLERANCE."""
+    """Every exported artifact vs PyTorch eager fp32 on the CPU, one line each: max |diff| (also over max
+    |logit|), top-1 agreement; ValueError past tolerance. tf32: runners stuck with TF32 (TF32_TOLERANCE)."""
     c, s = ck["in_channels"], ck["image_size"]
-    inputs = {"random (7 images)": torch.randn(7, c, s, s, generator=torch.Generator().manual_seed(0))}
-    if real is not None:
-        inputs[f"real ({len(real)} images)"] = real
+    inputs = {"random (7 images)": torch.randn(7, c, s, s, generator=torch.Generator().manual_seed(0)),
+              **({} if real is None else {f"real ({len(real)} images)": real})}
     failures = []
     for what, x in inputs.items():
         ref = model(x)
@@ -260,8 +250,7 @@ def check(runners, model, ck, args, device, real=None, tf32=()):
 
 
 def int8_data(ck, args):
-    """The checkpoint's data with --calibration training images (a stratified sample); ValueError
-    when they are not on disk: int8 ranges from anything else would be a guess."""
+    """The data with --calibration training images (stratified), else ValueError: other ranges are a guess."""
     data, why = load_data_of(ck, args, limit_train=args.calibration)
     if data is None:
         raise ValueError(f"--int8: no {ck['args'].get('dataset') or 'recorded'} training images to "
@@ -276,6 +265,8 @@ def calibration_batches(ck, args, data):
     if data is None:  # --random-calibration
         c, s, n = ck["in_channels"], ck["image_size"], args.calibration
         x = np.random.default_rng(0).standard_normal((n, c, s, s), dtype=np.float32)
+        print("WARNING: int8 calibrated on RANDOM inputs, not data (--random-calibration): activation ranges "
+              "are a guess and accuracy will suffer; the metadata says so")
         return list(np.split(x, range(size, n, size))), \
             f"RANDOM: {n} standard normal inputs, not data (--random-calibration)"
     batches = [x for x, _ in normalized_batches(data.train, ck, size)]
@@ -286,10 +277,8 @@ def calibration_batches(ck, args, data):
 
 
 def quantize_int8(onnx_path, int8_path, batches, calibration):
-    """onnxruntime's static quantization: QDQ, per-channel int8 weights, uint8 activations (the pair x86
-    CPUs run fastest: VPMADDUBSW / VNNI), min/max ranges from `batches`; the fp32 file's metadata plus
-    precision and calibration. CPU only: TensorRT refuses uint8 activations with zero points, and CUDA
-    runs such a file as fp32 convolutions between Quantize/DequantizeLinear (slower than fp32)."""
+    """Static QDQ quantization: per-channel int8 weights, uint8 activations (x86's fastest pair: VNNI), ranges
+    from `batches`, the fp32 metadata + precision, calibration. CPU only (TensorRT refuses it, CUDA: fp32)."""
     import onnx
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -358,17 +347,16 @@ def benchmark(model, info, onnx_path, aoti_path, args, device, provider, threads
                 build("aotinductor", lambda: torch._inductor.aoti_load_package(str(aoti_path)))
             # On the GPU one session per shape: CUDA graphs and TensorRT profiles want fixed shapes.
             fixed = tuple(x.shape) if provider != "cpu" else None
-            for name, path in onnx_files.items():
-                make = lambda shape: lambda: OrtRunner(  # noqa: E731
+            for name, path in ((n, p) for n, p in onnx_files.items() if p is not None):
+                make = lambda shape=None: OrtRunner(  # noqa: E731
                     ort_session(path, provider, threads=threads, batch_shape=shape), graphs=shape is not None)
                 try:
-                    if path is not None:
-                        build(name, make(fixed))
+                    build(name, lambda: make(fixed))
                 except Exception as e:  # e.g. shape nodes placed on the CPU, which CUDA graph capture refuses
                     if fixed is None:
                         raise
                     print(f"note: {name} with CUDA graphs failed ({one_line(e, 150)}); timing without")
-                    build(name, make(None))
+                    build(name, make)
             for fn in runners.values():
                 for _ in range(args.warmup):
                     fn(x)
@@ -465,8 +453,7 @@ def main(args):
     paths = output_paths(args)
     for p in paths.values():
         p.parent.mkdir(parents=True, exist_ok=True)
-    provider = pick_provider(args.provider, device)
-    threads = args.threads or torch.get_num_threads()
+    provider, threads = pick_provider(args.provider, device), args.threads or torch.get_num_threads()
     if device.type == "cpu":
         torch.set_num_threads(threads)  # the same count as onnxruntime's intra-op pool
     batch_note = "dynamic batch" if args.dynamic_batch else "batch 1"
@@ -483,9 +470,6 @@ def main(args):
             raise ValueError("--int8: models with weights over 2 GB are not supported")
         t = time.perf_counter()
         batches, calibration = calibration_batches(ck, args, data8)
-        if args.random_calibration:
-            print("WARNING: int8 calibrated on RANDOM inputs, not data (--random-calibration): activation "
-                  "ranges are a guess and accuracy will suffer; the metadata says so")
         int8_path = quantize_int8(onnx_path, onnx_path.with_suffix(".int8.onnx"), batches, calibration)
         print(f"wrote {int8_path}: int8 (QDQ, per-channel int8 weights, uint8 activations), calibration: "
               f"{calibration}, {time.perf_counter() - t:.1f} s")
@@ -522,9 +506,8 @@ def main(args):
                   "input_shape": list(shape), "precision": "fp16" if args.fp16 else "fp32",
                   "device": device_name(device), "torch": torch.__version__, "onnxruntime": ort.__version__,
                   "provider": provider, "intra_op_threads": threads if device.type == "cpu" else None,
-                  "warmup": args.warmup, "repeats": args.repeats, "results": rows}
-        if int8_path:
-            report.update(int8_onnx=str(int8_path), int8_calibration=calibration, int8_note=int8_note)
+                  "warmup": args.warmup, "repeats": args.repeats, "results": rows, **({} if not int8_path else
+                  {"int8_onnx": str(int8_path), "int8_calibration": calibration, "int8_note": int8_note})}
         json_path = onnx_path.with_suffix(".benchmark.json")
         write_text(json_path, json.dumps(report, indent=2) + "\n")
         print(f"wrote {json_path}")
