@@ -210,7 +210,8 @@ def degradation(results):
         ax.set(xlabel="epoch", title=f"{'plain' if kind == 'plain' else 'ResNet'} (dashed: training, "
                "bold: test)", ylim=(0, None))
         ax.grid(alpha=0.3)
-        ax.legend()
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
     axes["plain"].set_ylabel("error (%)")
     fig.tight_layout()
     path = study / "degradation.png"
