@@ -226,22 +226,16 @@ def image_files(inputs):
     return files
 
 
-def positive_int(text):  # runtime.number would import torch
-    if int(text) < 1:
-        raise argparse.ArgumentTypeError(f"{text} is not a positive integer")
-    return int(text)
-
-
 def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__.split("\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", metavar="MODEL.onnx", help="a model written by export.py (fp32, fp16 or int8)")
     p.add_argument("inputs", metavar="IMAGE|DIR", nargs="+", help="image files, or folders (recursively)")
-    p.add_argument("--top-k", type=positive_int, default=5, help="classes per image (at most all classes)")
+    p.add_argument("--top-k", type=int, default=5, help="classes per image (at most all classes)")
     p.add_argument("--json", action="store_true", help="one JSON document instead of tab-separated lines")
     p.add_argument("--provider", default="auto", choices=("auto", *PROVIDERS),
                    help="onnxruntime provider (auto: TensorRT, else CUDA where there is a GPU, else CPU)")
-    p.add_argument("--batch-size", type=positive_int, default=64, help="images per onnxruntime call")
+    p.add_argument("--batch-size", type=int, default=64, help="images per onnxruntime call")
     return p
 
 
@@ -261,7 +255,10 @@ def main(args):
 
 
 def cli(argv=None):  # its own runner, not runtime.run_cli: runtime imports torch, which this must not need
-    args = get_args_parser().parse_args(argv)
+    p = get_args_parser()
+    args = p.parse_args(argv)
+    if min(args.top_k, args.batch_size) < 1:  # (runtime.number's range check would import torch)
+        p.error("--top-k and --batch-size must be >= 1")
     try:
         main(args)
     except PredictError as e:

@@ -192,7 +192,7 @@ def test_errors_are_one_line(tmp_path, folder, run):
              ((tmp_path / "bare.onnx", image), 1, "lacks export.py's metadata"),
              ((tmp_path / "bad-mean.onnx", image), 1, "is malformed (classes: one per logit; mean, std: one per"),
              ((tmp_path / "bad-classes.onnx", image), 1, "is malformed (classes: one per logit;"),
-             ((tmp_path / "m.onnx", image, "--top-k", "0"), 2, "not a positive integer")]
+             ((tmp_path / "m.onnx", image, "--top-k", "0"), 2, "must be >= 1")]
     (tmp_path / "empty").mkdir()
     for args, code, message in cases:
         r = run("predict.py", *args)
