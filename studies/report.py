@@ -194,6 +194,7 @@ def degradation(results):
     """results/cifar_resnet_depth/degradation.png: training (dashed) and test error per epoch, one line
     per depth, plain | ResNet (the ResNet paper's figure 6 on this budget); None without runs."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
     study = Path(results) / "cifar_resnet_depth"
     runs = {(kind, d): read_history(study / f"{kind}{d}") for kind in ("plain", "resnet") for d in DEPTHS
             if (study / f"{kind}{d}" / "metrics.csv").is_file()}
@@ -210,6 +211,7 @@ def degradation(results):
         ax.set(xlabel="epoch", title=f"{'plain' if kind == 'plain' else 'ResNet'} (dashed: training, "
                "bold: test)", ylim=(0, None))
         ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if ax.get_legend_handles_labels()[0]:
             ax.legend()
     axes["plain"].set_ylabel("error (%)")
