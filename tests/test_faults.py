@@ -21,7 +21,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import REPO, run_script
+from conftest import run_script
 from test_data import write_cifar, write_folder
 
 import bench

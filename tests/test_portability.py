@@ -7,7 +7,6 @@ import pytest
 import torch
 from PIL import Image
 
-import data
 import evaluate
 import runtime
 import train

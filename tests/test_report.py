@@ -17,7 +17,6 @@ from conftest import REPO, run_script
 import checkpoint
 import compare
 import evaluate as ev
-import train
 from data import load_data, make_loader
 from models import build_model
 

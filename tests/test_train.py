@@ -59,7 +59,6 @@ def test_demo_checkpoint_contract(demo):
         assert key in ck, key
     assert ck["epoch"] == 2  # no validation split: best.pt is the last epoch
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in ck["model"])
-    import checkpoint
     import models
     m = models.build_model(ck["model_name"], ck["num_classes"], ck["in_channels"],
                            ck["image_size"], **ck["model_options"])
@@ -72,7 +71,6 @@ def test_demo_beats_chance(demo):
     out, _ = demo
     import data
     import checkpoint
-    import models
     ck = load(out / "best.pt")
     model = checkpoint.model_from_checkpoint(ck)
     d = data.load_data("synthetic", ck["args"]["data_dir"])
@@ -99,7 +97,6 @@ def test_demo_evaluate_and_export(demo, tmp_path):
     assert r.returncode == 0, r.stderr
     import onnxruntime as ort
     import checkpoint
-    import models
     model = checkpoint.model_from_checkpoint(load(out / "best.pt"))
     x = torch.randn(5, 3, 32, 32)
     sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])

@@ -2,7 +2,6 @@
 on one folder, resumes that do not fit, out-of-range flags. In-process (train.cli / train.main)
 on tiny data; every test names the defect it guards against."""
 import errno
-import json
 import math
 import os
 import shutil
