@@ -56,14 +56,16 @@ for d in $PLAIN_DEPTHS; do
 done
 compare
 
-# Final-epoch training error (running average over the augmented epoch) and test error.
+# Final-epoch training error (running average over the augmented epoch) and test error of every
+# evaluated run in $OUT, this call's and earlier ones' (a study may be split over several calls).
 if [[ $DRY_RUN != 1 ]]; then
-    "$PYTHON" - "$OUT/errors.md" "${CKPTS[@]}" <<'PY'
+    "$PYTHON" - "$OUT/errors.md" "$OUT"/*/eval.json <<'PY'
 import csv, sys
 from pathlib import Path
 lines = ["| run | epochs | train error (%) | test error (%) |", "|---|--:|--:|--:|"]
-for ckpt in sys.argv[2:]:
-    run = Path(ckpt).parent
+runs = [Path(p).parent for p in sys.argv[2:]]
+depth = lambda run: int("0" + "".join(filter(str.isdigit, run.name)))  # noqa: E731
+for run in sorted(runs, key=lambda r: (r.name.startswith("plain"), depth(r))):
     with open(run / "metrics.csv") as f:
         last = list(csv.DictReader(f))[-1]
     lines.append(f"| {run.name} | {last['epoch']} | {100 * (1 - float(last['train_acc'])):.2f} | "

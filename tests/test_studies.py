@@ -168,6 +168,8 @@ def test_cifar_resnet_depth(tmp_path, fork_python):
     assert f"--resume {out}/resnet20/last.pt" in r.stdout and "epoch 2/2" in r.stdout
     assert "| run | model |" not in r.stdout and (out / "resnet20" / "eval.json").is_file()
     assert json.loads((out / "resnet20" / "eval.json").read_text())["epoch"] == 2
+    errors = (out / "errors.md").read_text()  # every evaluated run of $OUT, not only this call's
+    assert "| resnet20 | 2 |" in errors and "| plain20 | 1 |" in errors
 
 
 def test_architectures_with_optional_dataset(tmp_path, fork_python):
